@@ -1,0 +1,140 @@
+"""The `geneformer-ray` command.
+
+    geneformer-ray quickstart --out runs/quickstart
+    geneformer-ray tokenize pbmc3k.h5ad --vocab gc30M --out corpus/ --obs cell_type
+    geneformer-ray convert-dataset genecorpus.dataset --out corpus/
+    geneformer-ray vocab gc104M
+
+Each subcommand parses its arguments and calls one library function.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+DEMO_DATA = Path(__file__).parent / "data" / "demo"
+
+
+def _tokenize(args) -> int:
+    from geneformer_ray.tokenize import TokenizeOptions
+    from geneformer_ray.tokenize_job import format_summary, tokenize
+
+    options = TokenizeOptions(
+        count_column=args.count_column, filter_column=args.filter_column, obs_columns=_parse_obs(args.obs),
+        gene_id_column=args.gene_id_column, cell_id_column=args.cell_id_column, layer=args.layer,
+        keep_counts=args.keep_counts, allow_non_integer=args.allow_non_integer,
+        sum_duplicates=not args.no_sum_duplicates, min_mapped_fraction=args.min_mapped_fraction,
+    )
+    manifest = tokenize(args.inputs, args.out, vocab=args.vocab, options=options, cells_per_shard=args.cells_per_shard,
+                        executor="local" if args.local else "ray", overwrite=args.overwrite, progress=not args.quiet)
+    print(format_summary(manifest))
+    print(f"corpus: {Path(args.out).absolute()}")
+    return 0
+
+
+def _convert(args) -> int:
+    from geneformer_ray.corpus import convert_hf_dataset
+
+    manifest = convert_hf_dataset(args.dataset, args.out, vocab=args.vocab, overwrite=args.overwrite,
+                                  cells_per_shard=args.cells_per_shard, progress=not args.quiet)
+    print(f"converted {manifest['num_cells']:,} cells ({manifest['vocab']['name']}) into {len(manifest['shards'])} shard(s): "
+          f"{Path(args.out).absolute()}")
+    return 0
+
+
+def _vocab(args) -> int:
+    from geneformer_ray.vocab import load_vocab
+
+    vocab = load_vocab(args.vocab)
+    if args.out:
+        vocab.save(args.out)
+        print(f"saved {vocab.name} to {Path(args.out).absolute()}")
+    print(json.dumps(vocab.describe(), indent=2))
+    return 0
+
+
+def _quickstart(args) -> int:
+    """The main job on the bundled demo data: tokenize PBMC3k (more stages join as they land)."""
+    from geneformer_ray.tokenize import TokenizeOptions
+    from geneformer_ray.tokenize_job import format_summary, tokenize
+
+    out = Path(args.out)
+    manifest = tokenize([DEMO_DATA / "pbmc3k_counts.h5ad"], out / "corpus", vocab=args.vocab,
+                        options=TokenizeOptions(obs_columns={"cell_type": "cell_type"}), cells_per_shard=1_000,
+                        overwrite=args.overwrite, progress=not args.quiet)
+    print(format_summary(manifest))
+    print(f"corpus: {(out / 'corpus').absolute()}")
+    return 0
+
+
+def _parse_obs(items: list[str]) -> dict[str, str]:
+    mapping = {}
+    for item in items:
+        src, _, dst = item.partition("=")
+        if not src or (_ and not dst):
+            raise ValueError(f"--obs {item!r}: use COLUMN or COLUMN=NEW_NAME")
+        mapping[src] = dst or src
+    return mapping
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="geneformer-ray", description="Geneformer on Ray: tokenize, train, tune, infer.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("tokenize", help="raw counts (.h5ad/.loom) -> corpus folder of parquet shards")
+    p.add_argument("inputs", nargs="+", help=".h5ad/.loom files, folders or glob patterns")
+    p.add_argument("--out", required=True, help="corpus folder to write")
+    p.add_argument("--vocab", default="gc30M", help="gc30M (V1, 2,048) | gc104M (V2, 4,096) | folder of dictionaries")
+    p.add_argument("--obs", action="append", default=[], metavar="COL[=NAME]", help="obs column to carry (repeatable)")
+    p.add_argument("--count-column", default="n_counts", help="obs total counts (computed from the matrix when absent)")
+    p.add_argument("--filter-column", default="filter_pass", help="obs column; cells whose value is not 1 are skipped")
+    p.add_argument("--gene-id-column", default=None, help="var column with Ensembl IDs or symbols (default: ensembl_id, else the var index)")
+    p.add_argument("--cell-id-column", default=None, help="obs column for cell_id (default: obs names)")
+    p.add_argument("--layer", default=None, help="count matrix: X (default), raw, or a layer name")
+    p.add_argument("--keep-counts", action="store_true", help="also store the raw count behind each token")
+    p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer counts")
+    p.add_argument("--no-sum-duplicates", action="store_true", help="do not sum genes sharing an Ensembl ID (Geneformer V1 behaviour)")
+    p.add_argument("--min-mapped-fraction", type=float, default=0.5, help="refuse inputs whose gene IDs map less than this (default 0.5)")
+    p.add_argument("--cells-per-shard", type=int, default=10_000, help="cells per task and parquet shard")
+    p.add_argument("--local", action="store_true", help="run in this process instead of Ray tasks")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_tokenize)
+
+    p = sub.add_parser("convert-dataset", help="Geneformer save_to_disk dataset -> corpus folder (streaming)")
+    p.add_argument("dataset", help="folder written by datasets' save_to_disk (e.g. Genecorpus-30M)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab", default=None, help="gc30M | gc104M | folder; inferred from the tokens when omitted")
+    p.add_argument("--cells-per-shard", type=int, default=50_000)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_convert)
+
+    p = sub.add_parser("vocab", help="describe a vocabulary; with --out, save it in the safe format")
+    p.add_argument("vocab", help="gc30M | gc104M | folder of Geneformer *.pkl dictionaries")
+    p.add_argument("--out", default=None)
+    p.set_defaults(func=_vocab)
+
+    p = sub.add_parser("quickstart", help="run the main job on the bundled PBMC3k demo data")
+    p.add_argument("--out", default="runs/quickstart")
+    p.add_argument("--vocab", default="gc30M")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_quickstart)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:  # bad input: one clear line, no stack trace
+        print(f"geneformer-ray {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

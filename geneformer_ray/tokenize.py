@@ -1,0 +1,324 @@
+"""Rank value encoding of raw counts into Geneformer token ids.
+
+    geneformer-ray tokenize pbmc3k.h5ad --vocab gc30M --out corpus/     # the distributed job (job.py)
+
+    from geneformer_ray.tokenize import tokenize_anndata
+    table = tokenize_anndata(adata, vocab="gc104M", obs_columns={"cell_type": "cell_type"})
+
+One cell: raw counts of vocabulary genes (duplicate Ensembl IDs summed), divided by the cell's
+total count, times 10,000, divided by each gene's non-zero median over the pretraining corpus;
+non-zero genes sorted descending (stable: ties keep column order), mapped to token ids, truncated to
+the model input size (V2 vocabularies wrap the cell in <cls> ... <eos>). The arithmetic is
+Geneformer's, in float64 and in its order, so the tokens match Geneformer's tokenizer exactly.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+import numba
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+
+from geneformer_ray.vocab import Vocabulary, load_vocab
+
+TARGET_SUM = 1e4
+HISTOGRAM_BIN = 64  # length histogram bin width in tokens
+
+
+@dataclass
+class TokenizeOptions:
+    """How cells are read and what is carried; crosses the Ray boundary as ``asdict(options)``."""
+
+    count_column: str = "n_counts"  # obs total counts; computed from the matrix when absent
+    filter_column: str = "filter_pass"  # cells with a value other than 1 are skipped; ignored when absent
+    obs_columns: dict[str, str] = field(default_factory=dict)  # obs column -> output column name
+    gene_id_column: str | None = None  # var column with gene IDs/symbols; default 'ensembl_id' or the var index
+    cell_id_column: str | None = None  # obs column for cell_id; default the obs names
+    layer: str | None = None  # count matrix: X (default), 'raw', or a layer name
+    keep_counts: bool = False  # also write the (summed) raw count of every token
+    allow_non_integer: bool = False  # accept non-integer values (e.g. ambient-corrected counts)
+    sum_duplicates: bool = True  # sum genes sharing an Ensembl ID (False: Geneformer V1, token repeated)
+    min_mapped_fraction: float = 0.5  # refuse files whose gene IDs mostly do not map to Ensembl IDs
+
+    def __post_init__(self):
+        if not 0.0 <= self.min_mapped_fraction <= 1.0:
+            raise ValueError(f"min_mapped_fraction={self.min_mapped_fraction} must be between 0 and 1")
+        reserved = {"input_ids", "length", "cell_id", "counts"}
+        clash = reserved.intersection(self.obs_columns.values())
+        if clash:
+            raise ValueError(f"obs columns cannot be renamed to {sorted(clash)}: those output columns are reserved; rename them")
+
+
+# -- genes: var identifiers -> vocabulary slots ---------------------------------------------------
+@dataclass
+class GenePlan:
+    """Per-file mapping from matrix columns to the genes that are encoded."""
+
+    col_to_slot: np.ndarray  # (n_genes,) int32, -1 for columns outside the vocabulary
+    slot_token: np.ndarray  # (n_slots,) int32 token id of each slot
+    slot_inv_median: np.ndarray  # (n_slots,) float64, 1 / non-zero median
+    stats: dict
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_genes(var_ids, vocab: Vocabulary, *, sum_duplicates: bool = True, min_mapped_fraction: float = 0.0,
+               source: str = "input", id_column: str = "var index") -> GenePlan:
+    """Map the matrix columns' gene identifiers (Ensembl IDs, old IDs or symbols) into the vocabulary."""
+    var_ids = list(var_ids)
+    n = len(var_ids)
+    ensembl = [vocab.to_ensembl(x) for x in var_ids]
+    col_to_slot = np.full(n, -1, np.int32)
+    slot_of: dict[str, int] = {}
+    slot_genes: list[str] = []
+    for col, gene in enumerate(ensembl):
+        if gene is None or gene not in vocab.token_ids or gene in vocab.special_token_ids:
+            continue
+        if sum_duplicates and gene in slot_of:
+            col_to_slot[col] = slot_of[gene]
+            continue
+        slot_of[gene] = len(slot_genes)
+        col_to_slot[col] = len(slot_genes)
+        slot_genes.append(gene)
+    mapped = sum(g is not None for g in ensembl)
+    in_vocab = int((col_to_slot >= 0).sum())
+    dup_ids = Counter(g for g, s in zip(ensembl, col_to_slot) if s >= 0)
+    stats = {
+        "id_column": id_column,
+        "genes_total": n,
+        "genes_mapped": mapped,
+        "genes_unmapped": n - mapped,
+        "genes_in_vocab": in_vocab,
+        "genes_not_in_vocab": mapped - in_vocab,
+        "vocab_genes_used": len(set(slot_genes)),
+        "duplicate_ids": sum(1 for c in dup_ids.values() if c > 1),
+        "duplicate_columns_summed": sum(c - 1 for c in dup_ids.values() if c > 1) if sum_duplicates else 0,
+    }
+    if mapped and in_vocab == 0:
+        raise ValueError(
+            f"{source}: none of the {n:,} genes in the {id_column} is in the {vocab.name} vocabulary ({mapped:,} map to "
+            f"Ensembl IDs, e.g. {[g for g in ensembl if g][:3]}); Geneformer vocabularies are human genes: check the "
+            "species, or pass gene_id_column=... (--gene-id-column) naming the right var column"
+        )
+    if in_vocab == 0 or (n and mapped / n < min_mapped_fraction):
+        example = [x for x, g in zip(var_ids, ensembl) if g is None][:3]
+        raise ValueError(
+            f"{source}: {n - mapped:,} of {n:,} gene identifiers in the {id_column} could not be mapped to Ensembl IDs "
+            f"(e.g. {example}) and {in_vocab:,} are in the {vocab.name} vocabulary; pass gene_id_column=... "
+            "(--gene-id-column) naming a var column with Ensembl IDs or gene symbols"
+            + (f", or lower min_mapped_fraction (now {min_mapped_fraction})" if in_vocab else "")
+        )
+    return GenePlan(
+        col_to_slot=col_to_slot,
+        slot_token=np.array([vocab.token_ids[g] for g in slot_genes], np.int32),
+        slot_inv_median=np.array([1.0 / vocab.gene_medians[g] for g in slot_genes], np.float64),
+        stats=stats,
+    )
+
+
+# -- the hot path ---------------------------------------------------------------------------------
+@numba.njit(cache=True, nogil=True)
+def _encode_rows(indptr, indices, data, inv_n_counts, col_to_slot, slot_token, slot_inv_median,
+                 max_genes, cls_id, eos_id, out_tokens, out_counts, out_offsets):  # pragma: no cover - jitted
+    n_rows = indptr.shape[0] - 1
+    pos = np.full(slot_token.shape[0], -1, np.int64)  # slot -> index in this row's buffers
+    widest = 0
+    for r in range(n_rows):
+        widest = max(widest, indptr[r + 1] - indptr[r])
+    slots = np.empty(widest, np.int64)
+    sums = np.empty(widest, np.float64)
+    keys = np.empty(widest, np.float64)
+    o = 0
+    out_offsets[0] = 0
+    for r in range(n_rows):
+        k = 0
+        for j in range(indptr[r], indptr[r + 1]):
+            s = col_to_slot[indices[j]]
+            if s < 0 or data[j] == 0:
+                continue
+            p = pos[s]
+            if p < 0:
+                pos[s] = k
+                slots[k] = s
+                sums[k] = data[j]
+                k += 1
+            else:
+                sums[p] += data[j]
+        for i in range(k):
+            pos[slots[i]] = -1
+        if k > 0:
+            inv_n = inv_n_counts[r]
+            for i in range(k):  # Geneformer: ((x * (1 / n_counts)) * 1e4) * (1 / median), then argsort(-v)
+                keys[i] = -(((sums[i] * inv_n) * 1e4) * slot_inv_median[slots[i]])
+            order = np.argsort(keys[:k], kind="mergesort")
+            m = min(k, max_genes)
+            if cls_id >= 0:
+                out_tokens[o] = cls_id
+                out_counts[o] = 0.0
+                o += 1
+            for i in range(m):
+                out_tokens[o] = slot_token[slots[order[i]]]
+                out_counts[o] = sums[order[i]]
+                o += 1
+            if eos_id >= 0:
+                out_tokens[o] = eos_id
+                out_counts[o] = 0.0
+                o += 1
+        out_offsets[r + 1] = o
+    return o
+
+
+def rank_value_encode(counts: sp.csr_matrix, n_counts: np.ndarray, plan: GenePlan, vocab: Vocabulary):
+    """Encode the rows of a cells x genes CSR matrix.
+
+    Returns ``(tokens, offsets, token_counts)``: the flat int32 token ids, the (n_cells + 1,) int64
+    row offsets into them (a cell without vocabulary genes has an empty row), and the summed raw
+    count behind each token (0 for <cls>/<eos>).
+    """
+    counts = sp.csr_matrix(counts)
+    n_counts = np.asarray(n_counts, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        inv_n_counts = 1.0 / n_counts
+    capacity = counts.nnz + (2 * counts.shape[0] if vocab.adds_cls_eos else 0)
+    tokens = np.empty(capacity, np.int32)
+    token_counts = np.empty(capacity, np.float64)
+    offsets = np.empty(counts.shape[0] + 1, np.int64)
+    used = _encode_rows(
+        counts.indptr.astype(np.int64, copy=False), counts.indices.astype(np.int32, copy=False),
+        counts.data.astype(np.float64, copy=False), inv_n_counts, plan.col_to_slot, plan.slot_token,
+        plan.slot_inv_median, vocab.max_genes_per_cell,
+        -1 if vocab.cls_id is None else vocab.cls_id, -1 if vocab.eos_id is None else vocab.eos_id,
+        tokens, token_counts, offsets,
+    )
+    return tokens[:used], offsets, token_counts[:used]
+
+
+def count_problems(counts: sp.csr_matrix, *, allow_non_integer: bool) -> dict:
+    """Values that raw counts cannot have: {'negative': n, 'nan or inf': n, 'non-integer': n, 'first': (row, col)}."""
+    data = counts.data
+    problems = {"negative": int(np.count_nonzero(data < 0))}
+    if data.dtype.kind == "f":
+        finite = np.isfinite(data)
+        problems["nan or inf"] = int(data.size - np.count_nonzero(finite))
+        if not allow_non_integer:
+            problems["non-integer"] = int(np.count_nonzero(finite & (data != np.floor(data))))
+    bad = data < 0
+    if data.dtype.kind == "f":
+        bad |= ~np.isfinite(data) | ((data != np.floor(data)) & (not allow_non_integer))
+    first = int(np.argmax(bad)) if bad.any() else -1
+    problems = {k: v for k, v in problems.items() if v}
+    if first >= 0:
+        row = int(np.searchsorted(counts.indptr, first, side="right") - 1)
+        problems["first"] = (row, int(counts.indices[first]), float(data[first]))
+    return problems
+
+
+# -- cells -> Arrow -------------------------------------------------------------------------------
+def encode_cells(counts: sp.csr_matrix, *, n_counts: np.ndarray | None, keep: np.ndarray | None,
+                 cell_ids: np.ndarray, metadata: dict[str, np.ndarray], plan: GenePlan, vocab: Vocabulary,
+                 keep_counts: bool = False) -> tuple[pa.Table, dict]:
+    """Encode one chunk of cells into an Arrow table (cells without vocabulary genes dropped) + stats."""
+    n_in = counts.shape[0]
+    if n_counts is None:
+        n_counts = np.asarray(counts.sum(axis=1)).ravel()
+    n_counts = np.asarray(n_counts, dtype=np.float64)
+    if keep is not None:
+        counts, n_counts, cell_ids = counts[keep], n_counts[keep], cell_ids[keep]
+        metadata = {k: v[keep] for k, v in metadata.items()}
+    tokens, offsets, token_counts = rank_value_encode(counts, n_counts, plan, vocab)
+    lengths = np.diff(offsets)
+    nonempty = lengths > 0
+    bad_totals = nonempty & ~(n_counts > 0)
+    if bad_totals.any():
+        i = int(np.argmax(bad_totals))
+        raise ValueError(
+            f"cell {cell_ids[i]!r} has counts but a total count of {n_counts[i]}; {int(bad_totals.sum()):,} cells "
+            "have a total count column that is zero, negative or missing; fix it or drop the column to compute totals"
+        )
+    idx = np.flatnonzero(nonempty)
+    columns = {
+        "input_ids": _list_array(tokens, offsets, idx, pa.int32()),
+        "length": pa.array(lengths[idx].astype(np.int32)),
+        "cell_id": pa.array(np.asarray(cell_ids, dtype=object)[idx].astype(str), pa.string()),
+    }
+    if keep_counts:
+        columns["counts"] = _list_array(token_counts.astype(np.float32), offsets, idx, pa.float32())
+    for name, values in metadata.items():
+        columns[name] = pa.array(_arrow_ready(np.asarray(values)[idx]), from_pandas=True)
+    stats = {
+        "cells_in": n_in,
+        "cells_filtered": n_in - counts.shape[0],
+        "cells_no_vocab_gene": int((~nonempty).sum()),
+        "cells_out": int(idx.size),
+        "tokens": int(lengths.sum()),
+        "length_histogram": length_histogram(lengths[idx], vocab.model_input_size).tolist(),
+    }
+    return pa.table(columns), stats
+
+
+def length_histogram(lengths: np.ndarray, model_input_size: int) -> np.ndarray:
+    num_bins = -(-model_input_size // HISTOGRAM_BIN)
+    return np.bincount(np.minimum((np.asarray(lengths) - 1) // HISTOGRAM_BIN, num_bins - 1).clip(0), minlength=num_bins)
+
+
+def _list_array(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray, value_type) -> pa.ListArray:
+    if rows.size == offsets.size - 1:  # nothing dropped: zero-copy
+        return pa.ListArray.from_arrays(pa.array(offsets.astype(np.int32)), pa.array(values, value_type))
+    starts, stops = offsets[rows], offsets[rows + 1]
+    new_offsets = np.concatenate([[0], np.cumsum(stops - starts)]).astype(np.int32)
+    take = np.concatenate([np.arange(a, b) for a, b in zip(starts, stops)]) if rows.size else np.empty(0, np.int64)
+    return pa.ListArray.from_arrays(pa.array(new_offsets), pa.array(values[take], value_type))
+
+
+def _arrow_ready(values: np.ndarray) -> np.ndarray:
+    if values.dtype.kind == "O":
+        # categories decoded from HDF5 can mix str and NaN; Arrow wants one type plus nulls
+        return np.array([None if v is None or (isinstance(v, float) and np.isnan(v)) else v for v in values], dtype=object)
+    return values
+
+
+# -- in-memory AnnData ----------------------------------------------------------------------------
+def tokenize_anndata(adata, *, vocab: str | Vocabulary = "gc30M", options: TokenizeOptions | None = None,
+                     **option_overrides) -> pa.Table:
+    """Tokenize an in-memory AnnData; returns the corpus table (input_ids, length, cell_id, metadata).
+
+    ``options`` / keyword overrides are the fields of :class:`TokenizeOptions`.
+    """
+    options = options or TokenizeOptions(**option_overrides)
+    vocab = load_vocab(vocab)
+    var = adata.raw.var if options.layer == "raw" else adata.var
+    id_column = options.gene_id_column or ("ensembl_id" if "ensembl_id" in var.columns else None)
+    ids = var.index if id_column is None else var[id_column].astype(object)
+    plan = plan_genes(ids, vocab, sum_duplicates=options.sum_duplicates, min_mapped_fraction=options.min_mapped_fraction,
+                      source="adata", id_column=f"var[{id_column!r}]" if id_column else "var index")
+    matrix = adata.raw.X if options.layer == "raw" else adata.X if options.layer in (None, "X") else adata.layers[options.layer]
+    counts = sp.csr_matrix(matrix)
+    problems = count_problems(counts, allow_non_integer=options.allow_non_integer)
+    if {k for k in problems if k != "first"}:
+        raise ValueError(f"adata: the count matrix is not raw counts: {format_problems(problems, adata.obs_names, ids)}")
+    obs = adata.obs
+    for col in list(options.obs_columns) + [c for c in (options.cell_id_column,) if c]:
+        if col not in obs.columns:
+            raise ValueError(f"adata: obs has no column {col!r}; available: {', '.join(obs.columns)}")
+    table, _ = encode_cells(
+        counts,
+        n_counts=obs[options.count_column].to_numpy() if options.count_column in obs.columns else None,
+        keep=(obs[options.filter_column].to_numpy() == 1) if options.filter_column in obs.columns else None,
+        cell_ids=(obs[options.cell_id_column] if options.cell_id_column else obs.index).to_numpy(dtype=object),
+        metadata={dst: obs[src].to_numpy(dtype=object if obs[src].dtype.name == "category" else None)
+                  for src, dst in options.obs_columns.items()},
+        plan=plan, vocab=vocab, keep_counts=options.keep_counts,
+    )
+    return table
+
+
+def format_problems(problems: dict, cell_names, gene_names) -> str:
+    kinds = ", ".join(f"{v:,} {k} values" for k, v in problems.items() if k != "first")
+    row, col, value = problems["first"]
+    return (f"{kinds} (first: {value!r} at cell {cell_names[row]!r}, gene {gene_names[col]!r}); "
+            "pass raw integer counts (e.g. layer='counts' or 'raw'), or allow_non_integer=True "
+            "(--allow-non-integer) if non-integer counts are intended")
