@@ -55,11 +55,16 @@ class TokenizeOptions:
 # -- genes: var identifiers -> vocabulary slots ---------------------------------------------------
 @dataclass
 class GenePlan:
-    """Per-file mapping from matrix columns to the genes that are encoded."""
+    """Per-file mapping from matrix columns to the genes that are encoded, plus the vocabulary facts
+    the encoder needs; small enough to ship to every task (the vocabulary itself is not)."""
 
     col_to_slot: np.ndarray  # (n_genes,) int32, -1 for columns outside the vocabulary
     slot_token: np.ndarray  # (n_slots,) int32 token id of each slot
     slot_inv_median: np.ndarray  # (n_slots,) float64, 1 / non-zero median
+    max_genes: int  # genes kept per cell
+    cls_id: int  # -1 when the vocabulary has no <cls>/<eos> wrapping
+    eos_id: int
+    model_input_size: int
     stats: dict
 
     def to_dict(self) -> dict:
@@ -116,85 +121,150 @@ def plan_genes(var_ids, vocab: Vocabulary, *, sum_duplicates: bool = True, min_m
         col_to_slot=col_to_slot,
         slot_token=np.array([vocab.token_ids[g] for g in slot_genes], np.int32),
         slot_inv_median=np.array([1.0 / vocab.gene_medians[g] for g in slot_genes], np.float64),
+        max_genes=vocab.max_genes_per_cell,
+        cls_id=vocab.cls_id if vocab.adds_cls_eos else -1,
+        eos_id=vocab.eos_id if vocab.adds_cls_eos else -1,
+        model_input_size=vocab.model_input_size,
         stats=stats,
     )
 
 
 # -- the hot path ---------------------------------------------------------------------------------
+# Sorting every cell separately in compiled code runs at ~35 us a cell; one vectorised numpy sort
+# of a whole block of cells runs ~8x faster. So each value becomes a uint64 key
+#   [ row | top bits of the value, inverted so larger sorts first | position in the row ]
+# one np.sort orders the block, and a pass over the sorted keys settles, exactly and stably, the
+# rare runs whose values share the kept top bits. The result equals a stable descending argsort
+# of each cell's float64 values.
+_BLOCK_ROWS = 4096
+
+
 @numba.njit(cache=True, nogil=True)
-def _encode_rows(indptr, indices, data, inv_n_counts, col_to_slot, slot_token, slot_inv_median,
-                 max_genes, cls_id, eos_id, out_tokens, out_counts, out_offsets):  # pragma: no cover - jitted
-    n_rows = indptr.shape[0] - 1
-    pos = np.full(slot_token.shape[0], -1, np.int64)  # slot -> index in this row's buffers
-    widest = 0
-    for r in range(n_rows):
-        widest = max(widest, indptr[r + 1] - indptr[r])
-    slots = np.empty(widest, np.int64)
-    sums = np.empty(widest, np.float64)
-    keys = np.empty(widest, np.float64)
-    o = 0
-    out_offsets[0] = 0
-    for r in range(n_rows):
-        k = 0
+def _gather(indptr, indices, data, inv_n_counts, col_to_slot, slot_inv_median, values, slots, sums, row_k):  # pragma: no cover
+    """Per row: vocabulary entries in column order (duplicate IDs summed) and their normalised values."""
+    pos = np.full(slot_inv_median.shape[0], -1, np.int64)  # slot -> entry index in this row
+    e = 0
+    for r in range(indptr.shape[0] - 1):
+        first = e
         for j in range(indptr[r], indptr[r + 1]):
             s = col_to_slot[indices[j]]
             if s < 0 or data[j] == 0:
                 continue
             p = pos[s]
             if p < 0:
-                pos[s] = k
-                slots[k] = s
-                sums[k] = data[j]
-                k += 1
+                pos[s] = e
+                slots[e] = s
+                sums[e] = data[j]
+                e += 1
             else:
                 sums[p] += data[j]
-        for i in range(k):
+        for i in range(first, e):
             pos[slots[i]] = -1
+            # Geneformer's arithmetic and order: ((x * (1 / n_counts)) * 1e4) * (1 / median)
+            values[i] = ((sums[i] * inv_n_counts[r]) * 1e4) * slot_inv_median[slots[i]]
+        row_k[r] = e - first
+    return e
+
+
+@numba.njit(cache=True, nogil=True)
+def _make_keys(values, row_k, index_bits, value_bits, keys):  # pragma: no cover
+    bits = values.view(np.uint64)
+    vmask = (np.uint64(1) << np.uint64(value_bits)) - np.uint64(1)
+    drop = np.uint64(63 - value_bits)
+    vshift = np.uint64(index_bits)
+    rshift = np.uint64(index_bits + value_bits)
+    e = 0
+    for r in range(row_k.shape[0]):
+        for i in range(row_k[r]):
+            top = bits[e] >> drop  # values are positive: their bit patterns sort like the values
+            keys[e] = (np.uint64(r) << rshift) | ((vmask - top) << vshift) | np.uint64(i)
+            e += 1
+
+
+@numba.njit(cache=True, nogil=True)
+def _emit(keys, values, slots, sums, row_k, index_bits, slot_token, max_genes, cls_id, eos_id,
+          out_tokens, out_counts, out_offsets, o):  # pragma: no cover
+    keep_counts = out_counts.shape[0] == out_tokens.shape[0]
+    """Decode sorted keys into tokens; order exact-value ties and near-ties stably; truncate; wrap."""
+    imask = (np.uint64(1) << np.uint64(index_bits)) - np.uint64(1)
+    prefix_shift = np.uint64(index_bits)
+    n_rows = row_k.shape[0]
+    order = np.empty(max(1, row_k.max()), np.int64)
+    start = 0  # first entry of this row in values/keys
+    for r in range(n_rows):
+        k = row_k[r]
+        for j in range(k):
+            order[j] = start + np.int64(keys[start + j] & imask)
+        j = 1
+        while j < k:  # runs that share the kept value bits: insertion sort by exact value, descending
+            if (keys[start + j] >> prefix_shift) == (keys[start + j - 1] >> prefix_shift):
+                i = j
+                while i > 0 and (keys[start + i] >> prefix_shift) == (keys[start + i - 1] >> prefix_shift) \
+                        and values[order[i]] > values[order[i - 1]]:
+                    order[i], order[i - 1] = order[i - 1], order[i]
+                    i -= 1
+            j += 1
         if k > 0:
-            inv_n = inv_n_counts[r]
-            for i in range(k):  # Geneformer: ((x * (1 / n_counts)) * 1e4) * (1 / median), then argsort(-v)
-                keys[i] = -(((sums[i] * inv_n) * 1e4) * slot_inv_median[slots[i]])
-            order = np.argsort(keys[:k], kind="mergesort")
-            m = min(k, max_genes)
             if cls_id >= 0:
                 out_tokens[o] = cls_id
-                out_counts[o] = 0.0
+                if keep_counts:
+                    out_counts[o] = 0.0
                 o += 1
-            for i in range(m):
-                out_tokens[o] = slot_token[slots[order[i]]]
-                out_counts[o] = sums[order[i]]
+            for j in range(min(k, max_genes)):
+                out_tokens[o] = slot_token[slots[order[j]]]
+                if keep_counts:
+                    out_counts[o] = sums[order[j]]
                 o += 1
             if eos_id >= 0:
                 out_tokens[o] = eos_id
-                out_counts[o] = 0.0
+                if keep_counts:
+                    out_counts[o] = 0.0
                 o += 1
         out_offsets[r + 1] = o
+        start += k
     return o
 
 
-def rank_value_encode(counts: sp.csr_matrix, n_counts: np.ndarray, plan: GenePlan, vocab: Vocabulary):
+def rank_value_encode(counts: sp.csr_matrix, n_counts: np.ndarray, plan: GenePlan, *, keep_counts: bool = True):
     """Encode the rows of a cells x genes CSR matrix.
 
     Returns ``(tokens, offsets, token_counts)``: the flat int32 token ids, the (n_cells + 1,) int64
     row offsets into them (a cell without vocabulary genes has an empty row), and the summed raw
-    count behind each token (0 for <cls>/<eos>).
+    count behind each token (0 for <cls>/<eos>; None unless ``keep_counts``).
     """
     counts = sp.csr_matrix(counts)
-    n_counts = np.asarray(n_counts, dtype=np.float64)
+    n_rows = counts.shape[0]
     with np.errstate(divide="ignore"):
-        inv_n_counts = 1.0 / n_counts
-    capacity = counts.nnz + (2 * counts.shape[0] if vocab.adds_cls_eos else 0)
+        inv_n_counts = 1.0 / np.asarray(n_counts, dtype=np.float64)
+    capacity = counts.nnz + (2 * n_rows if plan.cls_id >= 0 else 0)
     tokens = np.empty(capacity, np.int32)
-    token_counts = np.empty(capacity, np.float64)
-    offsets = np.empty(counts.shape[0] + 1, np.int64)
-    used = _encode_rows(
-        counts.indptr.astype(np.int64, copy=False), counts.indices.astype(np.int32, copy=False),
-        counts.data.astype(np.float64, copy=False), inv_n_counts, plan.col_to_slot, plan.slot_token,
-        plan.slot_inv_median, vocab.max_genes_per_cell,
-        -1 if vocab.cls_id is None else vocab.cls_id, -1 if vocab.eos_id is None else vocab.eos_id,
-        tokens, token_counts, offsets,
-    )
-    return tokens[:used], offsets, token_counts[:used]
+    token_counts = np.empty(capacity if keep_counts else 0, np.float64)
+    offsets = np.zeros(n_rows + 1, np.int64)
+    indptr = counts.indptr.astype(np.int64, copy=False)
+    indices = counts.indices.astype(np.int32, copy=False)
+    o = 0
+    for r0 in range(0, n_rows, _BLOCK_ROWS):
+        r1 = min(n_rows, r0 + _BLOCK_ROWS)
+        lo, hi = indptr[r0], indptr[r1]
+        block_indptr = indptr[r0 : r1 + 1] - lo
+        width = int(np.diff(block_indptr).max()) if r1 > r0 else 0
+        values, sums = np.empty(hi - lo, np.float64), np.empty(hi - lo, np.float64)
+        slots = np.empty(hi - lo, np.int32)
+        row_k = np.zeros(r1 - r0, np.int64)
+        used = _gather(block_indptr, indices[lo:hi], counts.data[lo:hi].astype(np.float64), inv_n_counts[r0:r1], plan.col_to_slot,
+                       plan.slot_inv_median, values, slots, sums, row_k)
+        index_bits = max(1, width.bit_length())
+        value_bits = 64 - index_bits - max(1, (r1 - r0 - 1).bit_length())
+        keys = np.empty(used, np.uint64)
+        _make_keys(values, row_k, index_bits, value_bits, keys)
+        keys.sort()  # numpy's vectorised sort: the one step that dominates
+        block_offsets = np.zeros(r1 - r0 + 1, np.int64)
+        o_end = _emit(keys, values, slots, sums, row_k, index_bits, plan.slot_token, plan.max_genes,
+                      plan.cls_id, plan.eos_id, tokens, token_counts, block_offsets, o)
+        block_offsets[0] = o
+        offsets[r0 + 1 : r1 + 1] = block_offsets[1:]
+        o = o_end
+    return tokens[:o], offsets, (token_counts[:o] if keep_counts else None)
 
 
 def count_problems(counts: sp.csr_matrix, *, allow_non_integer: bool) -> dict:
@@ -219,7 +289,7 @@ def count_problems(counts: sp.csr_matrix, *, allow_non_integer: bool) -> dict:
 
 # -- cells -> Arrow -------------------------------------------------------------------------------
 def encode_cells(counts: sp.csr_matrix, *, n_counts: np.ndarray | None, keep: np.ndarray | None,
-                 cell_ids: np.ndarray, metadata: dict[str, np.ndarray], plan: GenePlan, vocab: Vocabulary,
+                 cell_ids: np.ndarray, metadata: dict[str, np.ndarray], plan: GenePlan,
                  keep_counts: bool = False) -> tuple[pa.Table, dict]:
     """Encode one chunk of cells into an Arrow table (cells without vocabulary genes dropped) + stats."""
     n_in = counts.shape[0]
@@ -229,7 +299,7 @@ def encode_cells(counts: sp.csr_matrix, *, n_counts: np.ndarray | None, keep: np
     if keep is not None:
         counts, n_counts, cell_ids = counts[keep], n_counts[keep], cell_ids[keep]
         metadata = {k: v[keep] for k, v in metadata.items()}
-    tokens, offsets, token_counts = rank_value_encode(counts, n_counts, plan, vocab)
+    tokens, offsets, token_counts = rank_value_encode(counts, n_counts, plan, keep_counts=keep_counts)
     lengths = np.diff(offsets)
     nonempty = lengths > 0
     bad_totals = nonempty & ~(n_counts > 0)
@@ -255,7 +325,7 @@ def encode_cells(counts: sp.csr_matrix, *, n_counts: np.ndarray | None, keep: np
         "cells_no_vocab_gene": int((~nonempty).sum()),
         "cells_out": int(idx.size),
         "tokens": int(lengths.sum()),
-        "length_histogram": length_histogram(lengths[idx], vocab.model_input_size).tolist(),
+        "length_histogram": length_histogram(lengths[idx], plan.model_input_size).tolist(),
     }
     return pa.table(columns), stats
 
@@ -311,7 +381,7 @@ def tokenize_anndata(adata, *, vocab: str | Vocabulary = "gc30M", options: Token
         cell_ids=(obs[options.cell_id_column] if options.cell_id_column else obs.index).to_numpy(dtype=object),
         metadata={dst: obs[src].to_numpy(dtype=object if obs[src].dtype.name == "category" else None)
                   for src, dst in options.obs_columns.items()},
-        plan=plan, vocab=vocab, keep_counts=options.keep_counts,
+        plan=plan, keep_counts=options.keep_counts,
     )
     return table
 

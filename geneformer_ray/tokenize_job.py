@@ -75,8 +75,7 @@ def plan_file(path: Path, vocab: Vocabulary, options: TokenizeOptions) -> dict:
         }
 
 
-def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_ids: np.ndarray, vocab: Vocabulary,
-                   options: dict, shard_path: Path, n_counts_from_obs: bool, filter_from_obs: bool) -> dict:
+def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_ids: np.ndarray, options: dict, shard_path: Path, n_counts_from_obs: bool, filter_from_obs: bool) -> dict:
     """Encode cells [start, stop) of one file into ``shard_path``; returns the chunk's statistics."""
     options = TokenizeOptions(**options)
     with open_counts(path, layer=options.layer) as f:
@@ -93,9 +92,9 @@ def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_i
     if keep is not None:
         keep = np.asarray(keep == 1, dtype=bool)
     table, stats = encode_cells(counts, n_counts=n_counts, keep=keep, cell_ids=cell_ids, metadata=metadata,
-                                plan=gene_plan, vocab=vocab, keep_counts=options.keep_counts)
+                                plan=gene_plan, keep_counts=options.keep_counts)
     pq.write_table(table, shard_path, compression=corpus_io.PARQUET_COMPRESSION)
-    stats["cells_at_input_size"] = int((table["length"].to_numpy() >= vocab.model_input_size).sum())
+    stats["cells_at_input_size"] = int((table["length"].to_numpy() >= gene_plan.model_input_size).sum())
     return stats
 
 
@@ -120,7 +119,7 @@ def tokenize(inputs: list[str | Path], out: str | Path, *, vocab: str | Vocabula
     try:
         jobs = [
             dict(path=plan["path"], start=s, stop=min(plan["n_cells"], s + cells_per_shard), gene_plan=plan["gene_plan"],
-                 var_ids=plan["var_ids"], vocab=vocab, options=asdict(options),
+                 var_ids=plan["var_ids"], options=asdict(options),
                  shard_path=tmp / f"f{i:05d}-c{s:012d}.parquet", n_counts_from_obs=plan["n_counts_from_obs"],
                  filter_from_obs=plan["filter_from_obs"])
             for i, plan in enumerate(plans) for s in range(0, plan["n_cells"], cells_per_shard)
@@ -156,17 +155,19 @@ def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> 
             bar.update(job["stop"] - job["start"])
         bar.close()
         return results, [corpus_io.sha256_file(p) for p in files]
+    from concurrent.futures import ThreadPoolExecutor
     import ray
 
     started_ray = not ray.is_initialized()
     if started_ray:
         ray.init()
+    hasher = ThreadPoolExecutor(max_workers=1)  # the driver mostly waits: hash the inputs meanwhile
     try:
-        hash_refs = [ray.remote(num_cpus=0)(corpus_io.sha256_file).remote(p) for p in files]
+        hashes = [hasher.submit(corpus_io.sha256_file, p) for p in files]
         task = ray.remote(num_cpus=1, max_retries=2)(tokenize_range)
         shared = {}  # each large argument goes into the object store once, not once per task
         for job in jobs:
-            for key in ("gene_plan", "var_ids", "vocab"):
+            for key in ("gene_plan", "var_ids"):
                 if id(job[key]) not in shared:
                     shared[id(job[key])] = (job[key], ray.put(job[key]))
                 job[key] = shared[id(job[key])][1]
@@ -183,13 +184,14 @@ def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> 
                     raise (exc.cause if isinstance(exc.cause, Exception) else exc) from None
                 bar.update(jobs[i]["stop"] - jobs[i]["start"])
         except BaseException:
-            for ref in pending + hash_refs:
+            for ref in pending:
                 ray.cancel(ref)
             raise
         finally:
             bar.close()
-        return results, ray.get(hash_refs)
+        return results, [h.result() for h in hashes]
     finally:
+        hasher.shutdown(cancel_futures=True)
         if started_ray:
             ray.shutdown()
 

@@ -25,7 +25,7 @@ import json
 import pickle
 import re
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -176,7 +176,7 @@ def load_vocab(spec: str | Path | Vocabulary, *, model_input_size: int | None = 
     if isinstance(spec, Vocabulary):
         return spec
     if str(spec) in PRESETS:
-        return _load_saved(PRESET_DIR / PRESETS[str(spec)], model_input_size)
+        return _load_preset(PRESETS[str(spec)], model_input_size)
     path = Path(spec)
     if not path.exists():
         raise ValueError(
@@ -188,6 +188,11 @@ def load_vocab(spec: str | Path | Vocabulary, *, model_input_size: int | None = 
     if path.is_dir():
         return load_geneformer_dictionaries(path, model_input_size=model_input_size)
     raise ValueError(f"vocabulary path {path} is a file; pass the folder that holds the dictionaries")
+
+
+@lru_cache(maxsize=8)
+def _load_preset(name: str, model_input_size: int | None) -> Vocabulary:
+    return _load_saved(PRESET_DIR / name, model_input_size)  # immutable, so one copy per process
 
 
 def _load_saved(directory: Path, model_input_size: int | None) -> Vocabulary:

@@ -135,3 +135,45 @@ def test_pbmc3k_matches_geneformer_token_for_token(pbmc3k, version, vocab, sum_d
         assert differ == set()
     assert table["cell_type"].to_pylist() == reference.cell_type.tolist()
     assert table["length"].to_pylist() == [len(x) for x in ids(table)]
+
+
+# -- the block sort against a plain per-cell stable argsort ---------------------------------------
+def _reference_encode(X, n_counts, col_token, inv_median, max_genes):
+    cells = []
+    for r in range(X.shape[0]):
+        row = X[r]
+        keep = (col_token[row.indices] >= 0) & (row.data != 0)
+        cols, x = row.indices[keep], row.data[keep].astype(np.float64)
+        values = ((x * (1 / n_counts[r])) * 1e4) * inv_median[cols]
+        order = np.argsort(-values, kind="stable")
+        cells.append(col_token[cols][order][:max_genes].tolist())
+    return cells
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_block_sort_equals_stable_argsort_with_ties_and_near_ties(seed):
+    import scipy.sparse as sp
+
+    from geneformer_ray.tokenize import GenePlan, rank_value_encode
+
+    rng = np.random.default_rng(seed)
+    n_cells, n_genes = 300, 3000
+    X = sp.random(n_cells, n_genes, density=0.3, random_state=seed, format="csr",
+                  data_rvs=lambda k: rng.integers(1, 4, k)).astype(np.int32)  # small counts: many exact ties
+    medians = rng.choice([0.5, 1.0, 2.0], n_genes)  # shared medians: exact ties between genes
+    near = rng.random(n_genes) < 0.2
+    medians[near] *= 1 + rng.integers(1, 50, near.sum()) * 2.0**-40  # values equal in their top ~40 bits
+    col_token = np.arange(n_genes, dtype=np.int32) + 2
+    col_token[rng.random(n_genes) < 0.1] = -1  # some genes outside the vocabulary
+    n_counts = np.asarray(X.sum(axis=1)).ravel() + 5.0
+    in_vocab = col_token >= 0
+    plan = GenePlan(
+        col_to_slot=np.where(in_vocab, np.cumsum(in_vocab) - 1, -1).astype(np.int32),
+        slot_token=col_token[in_vocab], slot_inv_median=(1.0 / medians)[in_vocab],
+        max_genes=700, cls_id=-1, eos_id=-1, model_input_size=700, stats={},
+    )
+    tokens, offsets, _ = rank_value_encode(X, n_counts, plan, keep_counts=False)
+    ours = [tokens[offsets[r]:offsets[r + 1]].tolist() for r in range(n_cells)]
+    expected = _reference_encode(X, n_counts, col_token, 1.0 / medians, 700)
+    assert ours == expected
+    assert max(len(c) for c in ours) == 700  # truncation exercised
