@@ -24,7 +24,7 @@ def ray_session():
     """One local Ray instance for the whole session: 4 logical CPUs on a 2-core box."""
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
