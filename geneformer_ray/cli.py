@@ -23,7 +23,8 @@ def _tokenize(args) -> int:
     from geneformer_ray.tokenize_job import format_summary, tokenize
 
     options = TokenizeOptions(
-        count_column=args.count_column, filter_column=args.filter_column, obs_columns=_parse_obs(args.obs),
+        count_column=args.count_column, filter_column=args.filter_column,
+        obs_columns={} if args.no_obs else (_parse_obs(args.obs) or None),
         gene_id_column=args.gene_id_column, cell_id_column=args.cell_id_column, layer=args.layer,
         keep_counts=args.keep_counts, allow_non_integer=args.allow_non_integer,
         sum_duplicates=not args.no_sum_duplicates, min_mapped_fraction=args.min_mapped_fraction,
@@ -63,7 +64,7 @@ def _quickstart(args) -> int:
 
     out = Path(args.out)
     manifest = tokenize([DEMO_DATA / "pbmc3k_counts.h5ad"], out / "corpus", vocab=args.vocab,
-                        options=TokenizeOptions(obs_columns={"cell_type": "cell_type"}), cells_per_shard=1_000,
+                        options=TokenizeOptions(), cells_per_shard=1_000,
                         overwrite=args.overwrite, progress=not args.quiet)
     print(format_summary(manifest))
     print(f"corpus: {(out / 'corpus').absolute()}")
@@ -88,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("inputs", nargs="+", help=".h5ad/.loom files, folders or glob patterns")
     p.add_argument("--out", required=True, help="corpus folder to write")
     p.add_argument("--vocab", default="gc30M", help="gc30M (V1, 2,048) | gc104M (V2, 4,096) | folder of dictionaries")
-    p.add_argument("--obs", action="append", default=[], metavar="COL[=NAME]", help="obs column to carry (repeatable)")
+    p.add_argument("--obs", action="append", default=[], metavar="COL[=NAME]",
+                   help="obs column to carry, optionally renamed (repeatable); default: every obs column")
+    p.add_argument("--no-obs", action="store_true", help="carry no obs column")
     p.add_argument("--count-column", default="n_counts", help="obs total counts (computed from the matrix when absent)")
     p.add_argument("--filter-column", default="filter_pass", help="obs column; cells whose value is not 1 are skipped")
     p.add_argument("--gene-id-column", default=None, help="var column with Ensembl IDs or symbols (default: ensembl_id, else the var index)")

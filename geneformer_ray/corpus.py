@@ -108,7 +108,8 @@ def write_manifest(tmp: Path, *, vocab: Vocabulary, shard_files: list[Path], sou
 
 
 def _unify_schemas(paths: list[Path]) -> pa.Schema | None:
-    """Make every shard share one schema (int + float -> float, null -> typed, otherwise -> string)."""
+    """Make every shard share one schema (int + float -> float, null -> typed, otherwise -> string;
+    a column some inputs lack is null in their shards)."""
     if not paths:
         return None
     schemas = [pq.read_schema(p) for p in paths]
@@ -125,9 +126,9 @@ def _unify_schemas(paths: list[Path]) -> pa.Schema | None:
     for path, schema in zip(paths, schemas):
         if not schema.equals(target):
             table = pq.read_table(path)
-            missing = [f.name for f in target if f.name not in table.column_names]
-            if missing:
-                raise ValueError(f"shard {path.name} lacks columns {missing} that other inputs have; give every input the same obs columns")
+            for f in target:
+                if f.name not in table.column_names:
+                    table = table.append_column(f, pa.nulls(table.num_rows, f.type))
             table = table.select(target.names).cast(target)
             pq.write_table(table, path.with_suffix(".rewrite"), compression=PARQUET_COMPRESSION)
             path.with_suffix(".rewrite").replace(path)

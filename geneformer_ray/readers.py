@@ -162,7 +162,8 @@ class LoomCounts(CountFile):
         self.n_genes, self.n_cells = self.matrix.shape
 
     def obs_columns(self):
-        return list(self.h5["col_attrs"].keys()) if "col_attrs" in self.h5 else []
+        attrs = self.h5["col_attrs"] if "col_attrs" in self.h5 else {}
+        return [k for k in attrs if attrs[k].ndim == 1 and attrs[k].shape[0] == self.n_cells]  # not embeddings
 
     def var_columns(self):
         return list(self.h5["row_attrs"].keys()) if "row_attrs" in self.h5 else []

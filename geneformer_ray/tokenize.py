@@ -25,6 +25,7 @@ import scipy.sparse as sp
 from geneformer_ray.vocab import Vocabulary, load_vocab
 
 TARGET_SUM = 1e4
+RESERVED_COLUMNS = ("input_ids", "length", "cell_id", "counts")  # written by the tokenizer itself
 HISTOGRAM_BIN = 64  # length histogram bin width in tokens
 
 
@@ -34,7 +35,7 @@ class TokenizeOptions:
 
     count_column: str = "n_counts"  # obs total counts; computed from the matrix when absent
     filter_column: str = "filter_pass"  # cells with a value other than 1 are skipped; ignored when absent
-    obs_columns: dict[str, str] = field(default_factory=dict)  # obs column -> output column name
+    obs_columns: dict[str, str] | None = None  # obs column -> output column name; None: every obs column
     gene_id_column: str | None = None  # var column with gene IDs/symbols; default 'ensembl_id' or the var index
     cell_id_column: str | None = None  # obs column for cell_id; default the obs names
     layer: str | None = None  # count matrix: X (default), 'raw', or a layer name
@@ -46,10 +47,19 @@ class TokenizeOptions:
     def __post_init__(self):
         if not 0.0 <= self.min_mapped_fraction <= 1.0:
             raise ValueError(f"min_mapped_fraction={self.min_mapped_fraction} must be between 0 and 1")
-        reserved = {"input_ids", "length", "cell_id", "counts"}
-        clash = reserved.intersection(self.obs_columns.values())
+        clash = set(RESERVED_COLUMNS).intersection((self.obs_columns or {}).values())
         if clash:
             raise ValueError(f"obs columns cannot be renamed to {sorted(clash)}: those output columns are reserved; rename them")
+
+    def resolve_obs_columns(self, available: list[str], source: str) -> dict[str, str]:
+        """The obs columns to carry from one input: the ones asked for, or all (reserved names get 'obs_')."""
+        wanted = list(self.obs_columns or []) + ([self.cell_id_column] if self.cell_id_column else [])
+        for column in wanted:
+            if column not in available:
+                raise ValueError(f"{source}: obs has no column {column!r}; available: {', '.join(available) or 'none'}")
+        if self.obs_columns is None:
+            return {c: f"obs_{c}" if c in RESERVED_COLUMNS else c for c in available}
+        return dict(self.obs_columns)
 
 
 # -- genes: var identifiers -> vocabulary slots ---------------------------------------------------
@@ -371,16 +381,14 @@ def tokenize_anndata(adata, *, vocab: str | Vocabulary = "gc30M", options: Token
     if {k for k in problems if k != "first"}:
         raise ValueError(f"adata: the count matrix is not raw counts: {format_problems(problems, adata.obs_names, ids)}")
     obs = adata.obs
-    for col in list(options.obs_columns) + [c for c in (options.cell_id_column,) if c]:
-        if col not in obs.columns:
-            raise ValueError(f"adata: obs has no column {col!r}; available: {', '.join(obs.columns)}")
+    obs_columns = options.resolve_obs_columns(list(obs.columns), "adata")
     table, _ = encode_cells(
         counts,
         n_counts=obs[options.count_column].to_numpy() if options.count_column in obs.columns else None,
         keep=(obs[options.filter_column].to_numpy() == 1) if options.filter_column in obs.columns else None,
         cell_ids=(obs[options.cell_id_column] if options.cell_id_column else obs.index).to_numpy(dtype=object),
         metadata={dst: obs[src].to_numpy(dtype=object if obs[src].dtype.name == "category" else None)
-                  for src, dst in options.obs_columns.items()},
+                  for src, dst in obs_columns.items()},
         plan=plan, keep_counts=options.keep_counts,
     )
     return table

@@ -55,8 +55,7 @@ def plan_file(path: Path, vocab: Vocabulary, options: TokenizeOptions) -> dict:
         if f.n_cells == 0 or f.n_genes == 0:
             raise ValueError(f"{path}: the count matrix is empty ({f.n_cells:,} cells x {f.n_genes:,} genes); remove it from the inputs")
         obs = f.obs_columns()
-        for col in list(options.obs_columns) + ([options.cell_id_column] if options.cell_id_column else []):
-            f.require(col, obs, "obs")
+        obs_columns = options.resolve_obs_columns(obs, str(path))
         id_column = options.gene_id_column
         if id_column is None and "ensembl_id" in f.var_columns():
             id_column = "ensembl_id"
@@ -68,14 +67,15 @@ def plan_file(path: Path, vocab: Vocabulary, options: TokenizeOptions) -> dict:
         if getattr(f, "encoding", None) == "csc_matrix":
             warnings.append("count matrix is CSC: every chunk reads the whole matrix; save it as CSR for speed")
         return {
-            "path": path, "n_cells": f.n_cells, "n_genes": f.n_genes, "gene_plan": plan, "var_ids": var_ids,
+            "path": path, "n_cells": f.n_cells, "obs_columns": obs_columns, "n_genes": f.n_genes, "gene_plan": plan, "var_ids": var_ids,
             "n_counts_from_obs": options.count_column in obs,
             "filter_from_obs": options.filter_column in obs,
             "warnings": warnings,
         }
 
 
-def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_ids: np.ndarray, options: dict, shard_path: Path, n_counts_from_obs: bool, filter_from_obs: bool) -> dict:
+def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_ids: np.ndarray, options: dict,
+                   obs_columns: dict[str, str], shard_path: Path, n_counts_from_obs: bool, filter_from_obs: bool) -> dict:
     """Encode cells [start, stop) of one file into ``shard_path``; returns the chunk's statistics."""
     options = TokenizeOptions(**options)
     with open_counts(path, layer=options.layer) as f:
@@ -86,7 +86,7 @@ def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_i
             return {"problems": problems, "message": format_problems(problems, cell_ids, var_ids)}
         n_counts = f.read_obs(options.count_column, start, stop) if n_counts_from_obs else None
         keep = f.read_obs(options.filter_column, start, stop) if filter_from_obs else None
-        metadata = {dst: f.read_obs(src, start, stop) for src, dst in options.obs_columns.items()}
+        metadata = {dst: f.read_obs(src, start, stop) for src, dst in obs_columns.items()}
     if n_counts is not None:
         n_counts = np.asarray(n_counts, dtype=np.float64)
     if keep is not None:
@@ -119,7 +119,7 @@ def tokenize(inputs: list[str | Path], out: str | Path, *, vocab: str | Vocabula
     try:
         jobs = [
             dict(path=plan["path"], start=s, stop=min(plan["n_cells"], s + cells_per_shard), gene_plan=plan["gene_plan"],
-                 var_ids=plan["var_ids"], options=asdict(options),
+                 var_ids=plan["var_ids"], options=asdict(options), obs_columns=plan["obs_columns"],
                  shard_path=tmp / f"f{i:05d}-c{s:012d}.parquet", n_counts_from_obs=plan["n_counts_from_obs"],
                  filter_from_obs=plan["filter_from_obs"])
             for i, plan in enumerate(plans) for s in range(0, plan["n_cells"], cells_per_shard)

@@ -97,3 +97,23 @@ def test_several_files_folders_and_globs_with_differing_column_types(ray_session
     table = read_corpus_table(tmp_path / "out")
     assert table["batch"].to_pylist()[:3] == [0.0, 1.0, 2.0]
     assert len({pq.read_schema(p).to_string() for p in (tmp_path / "out").glob("part-*.parquet")}) == 1
+
+
+def test_every_obs_column_is_carried_by_default(tmp_path):
+    small = ad.read_h5ad(PBMC_SMALL)
+    small.obs["length"] = 1.0  # clashes with a corpus column: carried as obs_length
+    small.write_h5ad(tmp_path / "a.h5ad")
+    other = ad.read_h5ad(PBMC_SMALL)[:10].copy()
+    other.obs = other.obs[["groups"]].assign(donor="d7")  # fewer columns, and one the first file lacks
+    other.write_h5ad(tmp_path / "b.h5ad")
+    manifest = tokenize([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "out", vocab="gc30M",
+                        executor="local", progress=False)
+    expected = ["input_ids", "length", "cell_id", *[c for c in small.obs.columns if c != "length"], "obs_length", "donor"]
+    assert sorted(manifest["columns"]) == sorted(expected)
+    table = read_corpus_table(tmp_path / "out")
+    assert table["donor"].to_pylist() == [None] * 80 + ["d7"] * 10  # missing in a.h5ad: null there
+    assert table["letter.idents"].to_pylist()[-10:] == [None] * 10
+    assert table["groups"].to_pylist() == list(small.obs["groups"]) + list(other.obs["groups"])
+    none = tokenize([tmp_path / "a.h5ad"], tmp_path / "bare", vocab="gc30M", options=TokenizeOptions(obs_columns={}),
+                    executor="local", progress=False)
+    assert sorted(none["columns"]) == ["cell_id", "input_ids", "length"]
