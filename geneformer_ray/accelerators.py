@@ -1,0 +1,177 @@
+"""Accelerator decisions: NPU (torch_npu, HCCL), CUDA (NCCL) or CPU (gloo).
+
+    plan = plan_accelerator(AcceleratorConfig(type="auto"), ray.cluster_resources())
+    TorchTrainer(..., torch_config=torch_config(plan), scaling_config=ScalingConfig(**scaling_kwargs(plan, 8)))
+    # in each worker:
+    device = worker_device(plan)
+
+Every decision (device type, backend, Ray resource, autocast dtype, environment) is made here on the
+driver from plain values, so it is tested without hardware. The only hardware calls are behind
+``import_torch_npu`` and ``_current_device``; torch_npu is imported only when an NPU is asked for.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
+
+BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+HCCL_DEFAULTS = {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "1836"}
+
+
+@dataclass
+class AcceleratorConfig:
+    type: str = "auto"  # auto | npu | cuda | cpu
+    npu_resource: str = "NPU"  # Ray resource naming one NPU (another name simulates NPU nodes on CPU boxes)
+    cpus_per_worker: int = 1
+    precision: str = "auto"  # auto (bf16 on NPU/CUDA, fp32 on CPU) | bf16 | fp32
+    timeout_s: int = 2400  # process-group timeout; must exceed the HCCL timeouts
+    env: dict[str, str] = field(default_factory=dict)  # extra worker env, e.g. HCCL_SOCKET_IFNAME, HCCL_BUFFSIZE
+
+    def __post_init__(self):
+        if self.type not in ("auto", *BACKENDS):
+            raise ValueError(f"accelerator.type={self.type!r}: use auto, npu, cuda or cpu")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            raise ValueError(f"accelerator.precision={self.precision!r}: use auto, bf16 or fp32")
+        if self.cpus_per_worker < 1:
+            raise ValueError(f"accelerator.cpus_per_worker={self.cpus_per_worker} must be at least 1")
+
+
+@dataclass(frozen=True)
+class AcceleratorPlan:
+    """What every worker does; crosses the Ray boundary as ``asdict(plan)``."""
+
+    kind: str  # npu | cuda | cpu
+    backend: str  # hccl | nccl | gloo
+    resource: str | None  # Ray resource requested per worker besides CPUs (None on CPU)
+    cpus_per_worker: int
+    autocast_dtype: str | None  # "bfloat16" or None
+    timeout_s: int
+    env: dict[str, str]
+    ray_sets_visible_devices: bool  # Ray pins one device per worker (ASCEND_RT_/CUDA_VISIBLE_DEVICES)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def plan_accelerator(config: AcceleratorConfig, cluster_resources: dict[str, float], *, check_npu_import: bool = True) -> AcceleratorPlan:
+    """Decide the accelerator from the config and the cluster's resources (``ray.cluster_resources()``)."""
+    kind = config.type
+    if kind == "auto":
+        kind = "npu" if cluster_resources.get(config.npu_resource, 0) > 0 else "cuda" if cluster_resources.get("GPU", 0) > 0 else "cpu"
+    resource = {"npu": config.npu_resource, "cuda": "GPU", "cpu": None}[kind]
+    if resource and cluster_resources.get(resource, 0) <= 0:
+        raise ValueError(
+            f"accelerator.type={kind} but the Ray cluster has no {resource!r} resource "
+            f"(it has {sorted(k for k in cluster_resources if not k.startswith('node:'))}); start the nodes with "
+            + (f"`ray start --resources='{{\"{resource}\": 8}}'`" if kind == "npu" else "GPUs visible")
+            + " or use accelerator.type=cpu"
+        )
+    if kind == "npu" and check_npu_import and importlib.util.find_spec("torch_npu") is None:
+        raise ValueError(
+            "accelerator.type=npu but torch_npu is not installed here; install the project with its npu extra "
+            "(pip install 'geneformer-ray[npu]') and `source /usr/local/Ascend/ascend-toolkit/set_env.sh`"
+        )
+    env = dict(config.env)
+    if kind == "npu":
+        env = {**HCCL_DEFAULTS, **{k: v for k, v in os.environ.items() if k.startswith("HCCL_")}, **env}
+        slowest = max(int(env["HCCL_CONNECT_TIMEOUT"]), int(env["HCCL_EXEC_TIMEOUT"]))
+        if config.timeout_s <= slowest:
+            raise ValueError(
+                f"accelerator.timeout_s={config.timeout_s} must exceed the HCCL timeouts (HCCL_EXEC_TIMEOUT / "
+                f"HCCL_CONNECT_TIMEOUT up to {slowest} s), or a hung collective is reported as a generic timeout; "
+                f"raise accelerator.timeout_s above {slowest}"
+            )
+    precision = config.precision if config.precision != "auto" else ("fp32" if kind == "cpu" else "bf16")
+    return AcceleratorPlan(
+        kind=kind, backend=BACKENDS[kind], resource=resource, cpus_per_worker=config.cpus_per_worker,
+        autocast_dtype="bfloat16" if precision == "bf16" else None, timeout_s=config.timeout_s, env=env,
+        ray_sets_visible_devices=kind == "cuda" or resource == "NPU",
+    )
+
+
+def scaling_kwargs(plan: AcceleratorPlan, num_workers: int, *, placement_strategy: str = "PACK") -> dict:
+    """Arguments of ``ray.train.ScalingConfig``: one accelerator per worker."""
+    resources = {"CPU": plan.cpus_per_worker}
+    if plan.kind == "npu":
+        resources[plan.resource] = 1
+    return {"num_workers": num_workers, "use_gpu": plan.kind == "cuda", "resources_per_worker": resources,
+            "placement_strategy": placement_strategy}
+
+
+def torch_config(plan: AcceleratorPlan):
+    """Ray's ``TorchConfig`` with the backend always explicit (Ray picks gloo for NPUs otherwise)."""
+    from ray.train.torch import TorchConfig
+
+    return TorchConfig(backend=plan.backend, timeout_s=plan.timeout_s)
+
+
+def cluster_check(plan: AcceleratorPlan, num_workers: int, cluster_resources: dict[str, float]) -> None:
+    """Refuse a run the cluster can never place (workers would wait for devices forever), keeping one
+    CPU free for Ray Data: a read starves when training workers hold every CPU."""
+    need = dict(scaling_kwargs(plan, num_workers)["resources_per_worker"])
+    if plan.kind == "cuda":
+        need["GPU"] = 1
+    for name, per_worker in need.items():
+        spare = 1 if name == "CPU" else 0
+        have = cluster_resources.get(name, 0)
+        if have < per_worker * num_workers + spare:
+            raise ValueError(
+                f"{num_workers} workers need {per_worker * num_workers:g} {name}"
+                + (" plus 1 CPU left for Ray Data" if spare else "")
+                + f", but the cluster has {have:g}; lower train.num_workers or accelerator.cpus_per_worker"
+            )
+
+
+# -- worker side -----------------------------------------------------------------------------------
+def import_torch_npu():
+    """The NPU seam: importing torch_npu registers the 'npu' device with torch."""
+    try:
+        return importlib.import_module("torch_npu")
+    except Exception as exc:  # ImportError, or OSError when CANN libraries are missing
+        raise RuntimeError(
+            f"this worker cannot import torch_npu ({type(exc).__name__}: {exc}); on Ascend hosts install "
+            "geneformer-ray[npu] and source /usr/local/Ascend/ascend-toolkit/set_env.sh before `ray start`"
+        ) from None
+
+
+def worker_device_index(plan: AcceleratorPlan, local_rank: int) -> int:
+    """Ray pins one device per worker when it knows the resource (index 0 of what it sees); with a
+    custom resource name each worker sees the whole node and takes its local rank."""
+    return 0 if plan.ray_sets_visible_devices else local_rank
+
+
+def worker_device(plan: AcceleratorPlan | dict):
+    """The torch device of this Ray Train worker (call inside ``train_loop_per_worker``)."""
+    import torch
+
+    plan = plan if isinstance(plan, AcceleratorPlan) else AcceleratorPlan(**plan)
+    if plan.kind == "cpu":
+        return torch.device("cpu")
+    if plan.kind == "npu":
+        import_torch_npu()
+    import ray.train
+
+    index = worker_device_index(plan, ray.train.get_context().get_local_rank())
+    device = torch.device(plan.kind, index)
+    _current_device(plan.kind, index)
+    return device
+
+
+def _current_device(kind: str, index: int) -> None:
+    import torch
+
+    getattr(torch, kind).set_device(index)
+
+
+def autocast(plan: AcceleratorPlan | dict, device):
+    """bf16 autocast where the plan asks for it; a no-op context otherwise."""
+    import torch
+
+    dtype = plan.autocast_dtype if isinstance(plan, AcceleratorPlan) else plan["autocast_dtype"]
+    if dtype is None:
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))

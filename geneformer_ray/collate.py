@@ -1,0 +1,116 @@
+"""Batches for masked gene prediction: length grouping, dynamic padding, MLM masking.
+
+    batches = length_grouped_batches(lengths, rng, batch_size=12, window_batches=64)
+    masker = GeneMasker.for_vocab(vocab, seed=0)
+    input_ids, attention_mask = pad_cells([cells[i] for i in batch], pad_id=0)
+    input_ids, labels = masker(input_ids)
+
+Geneformer's recipe: cells of similar length are batched together (a window of many batches is
+sorted by length, cut into batches, and the batch order shuffled), each batch is padded to its
+longest cell, and 15% of gene tokens are selected (80% -> <mask>, 10% -> a random gene, 10% kept);
+<pad>, <cls> and <eos> are never selected.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+IGNORE_INDEX = -100  # label of positions that do not count in the loss
+
+
+def length_grouped_batches(lengths: np.ndarray, rng: np.random.Generator, *, batch_size: int | None = None,
+                           max_tokens: int | None = None, window_batches: int = 64) -> list[np.ndarray]:
+    """Indices of batches of similar-length cells.
+
+    Either ``batch_size`` cells per batch, or as many cells as fit ``max_tokens`` padded tokens
+    (longest cell x number of cells). Cells are taken ``window_batches`` batches at a time in the
+    order given (already shuffled upstream), sorted by length within the window, cut into batches;
+    the batch order over the whole input is shuffled.
+    """
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError("give exactly one of batch_size and max_tokens")
+    lengths = np.asarray(lengths)
+    if max_tokens is not None and lengths.size and lengths.max() > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} is below the longest cell ({lengths.max()} tokens); raise it")
+    window = window_batches * (batch_size or max(1, max_tokens // max(1, int(np.median(lengths)) if lengths.size else 1)))
+    batches: list[np.ndarray] = []
+    for start in range(0, lengths.size, window):
+        idx = np.arange(start, min(lengths.size, start + window))
+        idx = idx[np.argsort(-lengths[idx], kind="stable")]  # longest first
+        if batch_size is not None:
+            batches += [idx[i : i + batch_size] for i in range(0, idx.size, batch_size)]
+        else:
+            batches += _token_budget_cut(idx, lengths, max_tokens)
+    rng.shuffle(batches)
+    return batches
+
+
+def _token_budget_cut(idx: np.ndarray, lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
+    out, begin = [], 0
+    while begin < idx.size:
+        longest = lengths[idx[begin]]  # sorted descending: the first cell is the longest
+        n = max(1, max_tokens // longest)
+        out.append(idx[begin : begin + n])
+        begin += n
+    return out
+
+
+def pad_cells(cells: list[np.ndarray], *, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(batch, longest) int64 token ids padded with ``pad_id``, and the attention mask."""
+    longest = max(len(c) for c in cells)
+    input_ids = np.full((len(cells), longest), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(cells), longest), dtype=np.int64)
+    for row, cell in enumerate(cells):
+        input_ids[row, : len(cell)] = cell
+        attention_mask[row, : len(cell)] = 1
+    return input_ids, attention_mask
+
+
+@dataclass
+class GeneMasker:
+    """BERT-style masking restricted to gene tokens."""
+
+    mask_id: int
+    special_ids: np.ndarray  # never selected: <pad>, <mask>, <cls>, <eos>
+    gene_ids: np.ndarray  # replacement tokens for the "random" 10%
+    rng: np.random.Generator
+    mlm_probability: float = 0.15
+    mask_fraction: float = 0.8
+    random_fraction: float = 0.1
+
+    @classmethod
+    def for_vocab(cls, vocab, *, seed: int | None = None, mlm_probability: float = 0.15) -> "GeneMasker":
+        special = np.array(sorted(vocab.special_token_ids.values()), dtype=np.int64)
+        genes = np.array(sorted(vocab.token_ids[g] for g in vocab.gene_tokens), dtype=np.int64)
+        return cls(mask_id=vocab.mask_id, special_ids=special, gene_ids=genes, rng=np.random.default_rng(seed),
+                   mlm_probability=mlm_probability)
+
+    def __call__(self, input_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Returns (masked input ids, labels); labels are -100 except at selected positions."""
+        is_gene = ~np.isin(input_ids, self.special_ids)  # (batch, seq)
+        selected = is_gene & (self.rng.random(input_ids.shape) < self.mlm_probability)
+        labels = np.where(selected, input_ids, IGNORE_INDEX)
+        draw = self.rng.random(input_ids.shape)
+        to_mask = selected & (draw < self.mask_fraction)
+        to_random = selected & (draw >= self.mask_fraction) & (draw < self.mask_fraction + self.random_fraction)
+        masked = input_ids.copy()
+        masked[to_mask] = self.mask_id
+        masked[to_random] = self.gene_ids[self.rng.integers(0, self.gene_ids.size, int(to_random.sum()))]
+        return masked, labels
+
+    def state_dict(self) -> dict:
+        return {"version": 1, "rng": self.rng.bit_generator.state}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("version") != 1:
+            raise ValueError(f"masker state version {state.get('version')} is not 1")
+        self.rng.bit_generator.state = state["rng"]
+
+
+def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
+    """Share of padded positions over all positions when each batch is padded to its longest cell."""
+    real = sum(int(lengths[b].sum()) for b in batches)
+    total = sum(int(lengths[b].max()) * b.size for b in batches)
+    return 1.0 - real / total if total else 0.0

@@ -1,0 +1,88 @@
+"""Ring 1: NPU / CUDA / CPU decisions, tested without the hardware."""
+
+from __future__ import annotations
+
+import pytest
+
+from geneformer_ray import accelerators as acc
+from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator, scaling_kwargs
+
+CPU_BOX = {"CPU": 4.0, "memory": 1e10, "node:127.0.0.1": 1.0}
+ATLAS = {"CPU": 192.0, "NPU": 8.0}
+FAKE_ATLAS = {"CPU": 4.0, "FAKE_NPU": 2.0}
+GPU_NODE = {"CPU": 16.0, "GPU": 1.0}
+
+
+def test_auto_picks_what_the_cluster_has():
+    assert plan_accelerator(AcceleratorConfig(), CPU_BOX).kind == "cpu"
+    assert plan_accelerator(AcceleratorConfig(), GPU_NODE).kind == "cuda"
+    npu = plan_accelerator(AcceleratorConfig(), ATLAS, check_npu_import=False)
+    assert (npu.kind, npu.backend, npu.resource, npu.autocast_dtype) == ("npu", "hccl", "NPU", "bfloat16")
+    assert npu.ray_sets_visible_devices
+    cpu = plan_accelerator(AcceleratorConfig(), CPU_BOX)
+    assert (cpu.backend, cpu.resource, cpu.autocast_dtype) == ("gloo", None, None)
+    cuda = plan_accelerator(AcceleratorConfig(), GPU_NODE)
+    assert (cuda.backend, cuda.autocast_dtype) == ("nccl", "bfloat16")
+
+
+def test_simulated_npu_resource_name():
+    plan = plan_accelerator(AcceleratorConfig(npu_resource="FAKE_NPU", cpus_per_worker=1), FAKE_ATLAS, check_npu_import=False)
+    assert plan.kind == "npu" and plan.resource == "FAKE_NPU" and not plan.ray_sets_visible_devices
+    assert scaling_kwargs(plan, 2)["resources_per_worker"] == {"CPU": 1, "FAKE_NPU": 1}
+    assert acc.worker_device_index(plan, local_rank=1) == 1  # sees every device: picks its own
+    real = plan_accelerator(AcceleratorConfig(), ATLAS, check_npu_import=False)
+    assert acc.worker_device_index(real, local_rank=5) == 0  # Ray pinned one device
+
+
+def test_backend_is_always_explicit():
+    for resources, backend in ((CPU_BOX, "gloo"), (GPU_NODE, "nccl")):
+        config = acc.torch_config(plan_accelerator(AcceleratorConfig(), resources))
+        assert config.backend == backend
+    hccl = acc.torch_config(plan_accelerator(AcceleratorConfig(), ATLAS, check_npu_import=False))
+    assert hccl.backend == "hccl" and hccl.timeout_s == 2400
+
+
+def test_asking_for_missing_hardware_is_a_clear_error():
+    with pytest.raises(ValueError, match="has no 'NPU' resource"):
+        plan_accelerator(AcceleratorConfig(type="npu"), CPU_BOX)
+    with pytest.raises(ValueError, match="has no 'GPU' resource"):
+        plan_accelerator(AcceleratorConfig(type="cuda"), CPU_BOX)
+    with pytest.raises(ValueError, match=r"torch_npu is not installed.*geneformer-ray\[npu\].*set_env.sh"):
+        plan_accelerator(AcceleratorConfig(type="npu"), ATLAS)  # no torch_npu on this machine
+    with pytest.raises(RuntimeError, match="cannot import torch_npu"):
+        acc.import_torch_npu()
+    with pytest.raises(ValueError, match="accelerator.type='tpu'"):
+        AcceleratorConfig(type="tpu")
+
+
+def test_hccl_timeouts_stay_below_the_process_group_timeout(monkeypatch):
+    monkeypatch.setenv("HCCL_EXEC_TIMEOUT", "3000")
+    with pytest.raises(ValueError, match="must exceed the HCCL timeouts .* above 3000"):
+        plan_accelerator(AcceleratorConfig(), ATLAS, check_npu_import=False)
+    plan = plan_accelerator(AcceleratorConfig(timeout_s=3600, env={"HCCL_SOCKET_IFNAME": "eth0"}), ATLAS, check_npu_import=False)
+    assert plan.env == {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "3000", "HCCL_SOCKET_IFNAME": "eth0"}
+    assert plan_accelerator(AcceleratorConfig(), CPU_BOX).env == {}  # no HCCL settings off NPUs
+
+
+def test_precision_and_cluster_capacity():
+    assert plan_accelerator(AcceleratorConfig(precision="bf16"), CPU_BOX).autocast_dtype == "bfloat16"
+    assert plan_accelerator(AcceleratorConfig(precision="fp32"), GPU_NODE).autocast_dtype is None
+    plan = plan_accelerator(AcceleratorConfig(), CPU_BOX)
+    acc.cluster_check(plan, 2, CPU_BOX)
+    with pytest.raises(ValueError, match="4 workers need 4 CPU plus 1 CPU left for Ray Data, but the cluster has 4"):
+        acc.cluster_check(plan, 4, CPU_BOX)
+    npu = plan_accelerator(AcceleratorConfig(npu_resource="FAKE_NPU"), FAKE_ATLAS, check_npu_import=False)
+    with pytest.raises(ValueError, match="3 workers need 3 FAKE_NPU"):
+        acc.cluster_check(npu, 3, {**FAKE_ATLAS, "CPU": 16.0})
+
+
+def test_cpu_worker_device_and_autocast():
+    import torch
+
+    plan = plan_accelerator(AcceleratorConfig(), CPU_BOX)
+    assert acc.worker_device(plan.to_dict()) == torch.device("cpu")
+    with acc.autocast(plan, torch.device("cpu")):
+        assert torch.get_autocast_dtype("cpu") is not None
+    bf16 = plan_accelerator(AcceleratorConfig(precision="bf16"), CPU_BOX)
+    with acc.autocast(bf16, torch.device("cpu")):
+        assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
