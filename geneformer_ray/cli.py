@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 DEMO_DATA = Path(__file__).parent / "data" / "demo"
+QUICKSTART_CONFIG = Path(__file__).parent / "data" / "configs" / "pretrain_tiny.yaml"
 
 
 def _tokenize(args) -> int:
@@ -57,17 +58,49 @@ def _vocab(args) -> int:
     return 0
 
 
-def _quickstart(args) -> int:
-    """The main job on the bundled demo data: tokenize PBMC3k (more stages join as they land)."""
-    from geneformer_ray.tokenize import TokenizeOptions
-    from geneformer_ray.tokenize_job import format_summary, tokenize
+def _pretrain(args) -> int:
+    from geneformer_ray.config import PretrainConfig, load_config
+    from geneformer_ray.train.pretrain import pretrain
 
-    out = Path(args.out)
-    manifest = tokenize([DEMO_DATA / "pbmc3k_counts.h5ad"], out / "corpus", vocab=args.vocab,
-                        options=TokenizeOptions(), cells_per_shard=1_000,
-                        overwrite=args.overwrite, progress=not args.quiet)
-    print(format_summary(manifest))
-    print(f"corpus: {(out / 'corpus').absolute()}")
+    summary = pretrain(load_config(PretrainConfig, args.config, args.set))
+    _print_training_summary(summary)
+    return 0
+
+
+def _print_training_summary(summary: dict) -> None:
+    m = summary["metrics"]
+    print(f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> {m.get('final_loss') or float('nan'):.4f}"
+          + (f", validation loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""))
+    print(f"model (Hugging Face folder): {summary['model']}")
+    print(f"checkpoint: {summary['checkpoint']}")
+    print(f"loss curve: {summary['loss_curve']}")
+    print(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
+          + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
+
+
+def _quickstart(args) -> int:
+    """The main job on the bundled demo data: tokenize PBMC3k, pretrain `tiny` on 2 CPU workers."""
+    from geneformer_ray.config import PretrainConfig, load_config
+    from geneformer_ray.tokenize_job import format_summary, tokenize
+    from geneformer_ray.train.pretrain import pretrain
+
+    import os
+
+    import ray
+
+    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
+        # a local demo: 2 training workers + Ray Data need 3+ logical CPUs even on a 2-core machine
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    out = Path(args.out).absolute()
+    corpus = out / "corpus"
+    if not (corpus / "manifest.json").exists() or args.overwrite:
+        manifest = tokenize([DEMO_DATA / "pbmc3k_counts.h5ad"], corpus, cells_per_shard=1_000,
+                            overwrite=args.overwrite, progress=not args.quiet)
+        print(format_summary(manifest))
+    print(f"corpus: {corpus}")
+    overrides = [f"data.corpus={corpus}", f"train.storage_path={out}", f"train.max_steps={args.steps}", *args.set]
+    cfg = load_config(PretrainConfig, QUICKSTART_CONFIG, overrides)
+    _print_training_summary(pretrain(cfg))
     return 0
 
 
@@ -121,10 +154,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.set_defaults(func=_vocab)
 
-    p = sub.add_parser("quickstart", help="run the main job on the bundled PBMC3k demo data")
+    p = sub.add_parser("pretrain", help="masked gene pretraining on Ray Train")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU workers")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--vocab", default="gc30M")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    p.add_argument("--overwrite", action="store_true", help="tokenize again even if the corpus exists")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_quickstart)
     return parser

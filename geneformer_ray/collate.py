@@ -114,3 +114,23 @@ def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
     real = sum(int(lengths[b].sum()) for b in batches)
     total = sum(int(lengths[b].max()) * b.size for b in batches)
     return 1.0 - real / total if total else 0.0
+
+
+def iter_mlm_batches(shard, *, masker: GeneMasker, pad_id: int, batch_size: int | None, max_tokens: int | None,
+                     window_batches: int, shuffle_buffer: int, seed: int):
+    """Masked, padded, length-grouped batches (numpy) from a Ray Data shard of a corpus.
+
+    The shard is read a window of ``window_batches`` batches at a time (rows shuffled through a
+    local buffer, seeded), each window is cut into length-grouped batches in shuffled order.
+    """
+    rng = np.random.default_rng(seed)
+    window_rows = window_batches * (batch_size or max(1, max_tokens // 1024))
+    for window in shard.iter_batches(batch_size=window_rows, batch_format="numpy", prefetch_batches=1,
+                                     local_shuffle_buffer_size=shuffle_buffer or None,
+                                     local_shuffle_seed=seed if shuffle_buffer else None):
+        cells, lengths = window["input_ids"], np.asarray(window["length"])
+        for batch in length_grouped_batches(lengths, rng, batch_size=batch_size, max_tokens=max_tokens,
+                                            window_batches=lengths.size):
+            input_ids, attention_mask = pad_cells([cells[i] for i in batch], pad_id=pad_id)
+            masked, labels = masker(input_ids)
+            yield {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}

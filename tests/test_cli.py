@@ -55,9 +55,16 @@ def test_console_script_in_a_fresh_process(tmp_path):
 
 
 def test_quickstart_runs_the_main_job_on_bundled_data(ray_session, tmp_path, capsys):
-    assert main(["quickstart", "--out", str(tmp_path / "qs"), "--quiet"]) == 0
+    """The README's run command, shortened: tokenize the bundled PBMC3k, pretrain tiny on 2 workers."""
+    rc = main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "10",
+               "--set", "data.batch_size=4", "--set", "train.log_every=5"])
+    assert rc == 0
     manifest = read_manifest(tmp_path / "qs" / "corpus")
     assert manifest["num_cells"] == 2638 and "cell_type" in manifest["columns"]
+    printed = capsys.readouterr().out
+    assert "done: 10 steps, loss" in printed and "model (Hugging Face folder):" in printed
+    assert (tmp_path / "qs" / "pretrain_tiny" / "loss_curve.png").exists()
+    assert (tmp_path / "qs" / "mlflow.db").exists()
 
 
 def test_vocab_command_converts_pickled_dictionaries(tmp_path, capsys):

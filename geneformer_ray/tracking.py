@@ -1,0 +1,112 @@
+"""MLflow tracking on rank 0; every other rank gets a logger that does nothing.
+
+    tracker = start_tracking(uri, experiment="geneformer-pretrain", run_name="run1", rank=rank, params=cfg)
+    tracker.log_metrics({"loss": 2.3}, step=10)
+    tracker.finish()
+
+The tracking URI is always explicit (MLflow's default is a sqlite file in each worker's cwd): a
+``sqlite:///`` file under the run's storage, or ``http://host:5000`` for a tracking server.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+class NullTracker:
+    run_id: str | None = None
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        pass
+
+    def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def log_artifacts(self, directory: str | Path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        return None
+
+    def finish(self, status: str = "FINISHED") -> None:
+        pass
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, uri: str, *, experiment: str, run_name: str, params: dict | None, run_id: str | None = None,
+                 artifact_location: str | None = None):
+        import mlflow
+
+        self.mlflow = mlflow
+        mlflow.set_tracking_uri(uri)
+        self.client = mlflow.MlflowClient(tracking_uri=uri)
+        if run_id is None:
+            experiment_obj = self.client.get_experiment_by_name(experiment)
+            experiment_id = experiment_obj.experiment_id if experiment_obj else \
+                self.client.create_experiment(experiment, artifact_location=artifact_location)
+            run = self.client.create_run(experiment_id, run_name=run_name)
+            run_id = run.info.run_id
+            for key, value in flatten(params or {}).items():
+                self.client.log_param(run_id, key, value)
+        else:
+            self.client.update_run(run_id, status="RUNNING")  # resumed after a failure or a re-run
+        self.run_id = run_id
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow.entities import Metric
+        import time
+
+        now = int(time.time() * 1000)
+        numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        batch = [Metric(k, v, now, step) for k, v in numeric.items() if math.isfinite(v)]
+        if batch:
+            self.client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path, artifact_path=None):
+        self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def log_artifacts(self, directory, artifact_path=None):
+        self.client.log_artifacts(self.run_id, str(directory), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        for key, value in tags.items():
+            self.client.set_tag(self.run_id, key, str(value))
+
+    def register_model(self, name: str, artifact_path: str) -> str | None:
+        """Register the artifact folder as a new version of ``name``; returns the version."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # already registered: add a version
+        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
+        version = self.client.create_model_version(name, source=source, run_id=self.run_id)
+        return version.version
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status=status)
+
+
+def start_tracking(uri: str | None, *, experiment: str, run_name: str, rank: int, params: dict | None = None,
+                   run_id: str | None = None, artifact_location: str | None = None) -> NullTracker:
+    if rank != 0 or uri is None:
+        return NullTracker()
+    return MlflowTracker(uri, experiment=experiment, run_name=run_name, params=params, run_id=run_id,
+                         artifact_location=artifact_location)
+
+
+def flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    """Nested config -> {'optim.lr': '0.001', ...} (MLflow params are flat strings, 6,000 chars max)."""
+    flat = {}
+    for key, value in values.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            flat.update(flatten(value, name + "."))
+        else:
+            flat[name] = str(value)[:6000]
+    return flat

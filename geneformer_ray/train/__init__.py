@@ -1,0 +1,1 @@
+"""Training: per-worker loops, their drivers, schedules and checkpoint state."""

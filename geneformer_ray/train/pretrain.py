@@ -1,0 +1,303 @@
+"""Masked gene pretraining on Ray Train: the per-worker loop and its driver.
+
+    geneformer-ray pretrain --config jobs/configs/pretrain_tiny.yaml --set train.max_steps=100
+
+``train_loop_per_worker`` runs on every rank: setup, resume, loop, final save. ``pretrain`` (the
+driver) checks the config and the cluster, builds the Ray Datasets and the ``TorchTrainer``, fits,
+and returns a summary with where the model, the MLflow run and the loss curve are.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from geneformer_ray.config import PretrainConfig
+
+
+# -- per worker ------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+    import torch.distributed as dist
+
+    from geneformer_ray.accelerators import AcceleratorPlan, autocast, worker_device
+    from geneformer_ray.collate import GeneMasker, iter_mlm_batches
+    from geneformer_ray.models import MaskedGeneObjective, build_model, load_model, model_vocab
+    from geneformer_ray.tracking import start_tracking
+    from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
+    from geneformer_ray.train.schedule import build_scheduler
+
+    cfg = PretrainConfig.from_dict(config["pretrain"])
+    plan = AcceleratorPlan(**config["accelerator_plan"])
+    total_steps = config["total_steps"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = worker_device(plan)
+    distributed = world > 1 and dist.is_initialized()
+
+    # setup: model, optimizer, schedule
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.init_from:
+        model, vocab = load_model(cfg.model.init_from)
+    else:
+        model = build_model(cfg.model.flavour, config["vocab_name"], seed=cfg.train.seed)
+        vocab = model_vocab(model.config)
+    objective = MaskedGeneObjective(model).to(device)
+    decay = [p for n, p in objective.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in objective.named_parameters() if p.ndim <= 1]  # biases and LayerNorm
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    scheduler = build_scheduler(optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
+                                total_steps=total_steps)
+
+    # resume: after a worker failure, or a re-run with the same run name
+    progress = {"step": 0, "epoch": 0, "first_loss": None}
+    run_id = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, model=objective.model, optimizer=optimizer, scheduler=scheduler, vocab=vocab)
+        progress, run_id = state["progress"], state["tracking_run_id"]
+    ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type != "cpu" else None) \
+        if distributed else objective
+    tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
+                             rank=rank, params=config["pretrain"], run_id=run_id, artifact_location=config["artifact_location"])
+    masker = GeneMasker.for_vocab(vocab, seed=None, mlm_probability=cfg.data.mlm_probability)
+    masker.rng = np.random.default_rng([cfg.train.seed, rank, progress["step"]])  # a resumed run draws fresh, reproducible masks
+
+    def batches(name: str, epoch: int):
+        return iter_mlm_batches(ray.train.get_dataset_shard(name), masker=masker, pad_id=vocab.pad_id,
+                                batch_size=cfg.data.batch_size, max_tokens=cfg.data.max_tokens,
+                                window_batches=cfg.data.window_batches, shuffle_buffer=cfg.data.shuffle_buffer,
+                                seed=cfg.train.seed * 1000 + epoch)
+
+    def all_have(item) -> bool:  # ranks may hold different numbers of batches: stop together
+        if not distributed:
+            return item is not None
+        flag = torch.tensor([0.0 if item is None else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def mean_over_ranks(values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if distributed:
+            dist.all_reduce(tensor)
+            tensor /= world
+        return tensor.tolist()
+
+    def to_device(batch: dict) -> dict:
+        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+    def validate() -> float | None:
+        if not config["has_val"]:
+            return None
+        objective.eval()
+        losses, it = [], batches("val", 0)
+        with torch.no_grad():
+            for _ in range(cfg.train.val_batches):
+                batch = next(it, None)
+                if not all_have(batch):
+                    break
+                with autocast(plan, device):
+                    losses.append(objective(**to_device(batch)).item())
+        objective.train()
+        return mean_over_ranks([float(np.mean(losses)) if losses else float("nan")])[0]
+
+    def report(metrics: dict, *, save: bool) -> None:
+        tracker.log_metrics(metrics, step=progress["step"])
+        if not save:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as tmp:
+            if rank == 0:
+                save_checkpoint(tmp, model=objective.model, optimizer=optimizer, scheduler=scheduler, vocab=vocab,
+                                progress=progress, config=config["pretrain"], tracking_run_id=tracker.run_id)
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+    # loop
+    objective.train()
+    window = {"loss": [], "tokens": 0, "cells": 0, "padded": 0, "wait": 0.0, "start": time.perf_counter()}
+    history: list[tuple[int, float]] = []
+    val_history: list[tuple[int, float]] = []
+    done = False
+    while not done and progress["epoch"] < cfg.train.epochs:
+        stream = batches("train", progress["epoch"])
+        while not done:
+            micro = []
+            for _ in range(cfg.optim.grad_accum_steps):
+                t0 = time.perf_counter()
+                batch = next(stream, None)
+                window["wait"] += time.perf_counter() - t0
+                if not all_have(batch):
+                    break
+                micro.append(batch)
+            if len(micro) < cfg.optim.grad_accum_steps:
+                break  # epoch over on some rank
+            for i, batch in enumerate(micro):
+                sync = i == len(micro) - 1 or not distributed
+                with (ddp.no_sync() if not sync else _nullcontext()), autocast(plan, device):
+                    loss = ddp(**to_device(batch)) / len(micro)
+                loss.backward()
+                window["loss"].append(loss.item() * len(micro))
+                window["tokens"] += int(batch["attention_mask"].sum())
+                window["cells"] += batch["attention_mask"].shape[0]
+                window["padded"] += batch["attention_mask"].size
+            grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            done = cfg.train.max_steps is not None and progress["step"] >= cfg.train.max_steps
+            step = progress["step"]
+            if step % cfg.train.log_every == 0 or done:
+                elapsed = time.perf_counter() - window["start"]
+                loss_mean, tokens, cells, padded, wait = mean_over_ranks(
+                    [float(np.mean(window["loss"])), window["tokens"], window["cells"], window["padded"], window["wait"]])
+                if progress["first_loss"] is None:
+                    progress["first_loss"] = loss_mean
+                history.append((step, loss_mean))
+                metrics = {"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                           "tokens_per_s": tokens * world / elapsed, "cells_per_s": cells * world / elapsed,
+                           "padding_fraction": 1 - tokens / max(1, padded), "data_wait_fraction": wait / elapsed,
+                           "step_time_s": elapsed / max(1, len(window["loss"]) / cfg.optim.grad_accum_steps),
+                           "step": step, "epoch": progress["epoch"], "first_loss": progress["first_loss"]}
+                if step % cfg.train.val_every == 0 or done:
+                    metrics["val_loss"] = validate()
+                    if metrics["val_loss"] is not None:
+                        val_history.append((step, metrics["val_loss"]))
+                if rank == 0:
+                    print(f"step {step}/{total_steps} loss {loss_mean:.4f}"
+                          + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
+                          + f" lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
+                report(metrics, save=step % cfg.train.checkpoint_every == 0 and not done)
+                window = {"loss": [], "tokens": 0, "cells": 0, "padded": 0, "wait": 0.0, "start": time.perf_counter()}
+        if not done:
+            progress["epoch"] += 1
+
+    # final save: every rank reports once more, rank 0 with the checkpoint
+    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in objective.parameters())], dtype=torch.float64)
+    gathered = [torch.zeros_like(checksum) for _ in range(world)] if distributed else [checksum]
+    if distributed:
+        dist.all_gather(gathered, checksum)
+    final = {"step": progress["step"], "epoch": progress["epoch"], "first_loss": progress["first_loss"],
+             "final_loss": history[-1][1] if history else None, "val_loss": validate(),
+             "weights_identical_across_ranks": len({float(g.item()) for g in gathered}) == 1,
+             "mlflow_run_id": tracker.run_id or "", "done": True}
+    if rank == 0:
+        _finish_tracking(tracker, history, val_history, cfg, config["run_dir"])
+    report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
+
+
+def _nullcontext():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+def _finish_tracking(tracker, history, val_history, cfg: PretrainConfig, run_dir: str) -> None:
+    from geneformer_ray.evaluate import plot_curve
+
+    if history:
+        png = plot_curve(history, Path(run_dir) / "loss_curve.png", title=f"{cfg.train.run_name}: MLM loss",
+                         ylabel="loss", extra={"validation loss": val_history})
+        tracker.log_artifact(png)
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
+    """Check, build and fit the pretraining run; returns paths and final metrics."""
+    import ray
+    import ray.data
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from geneformer_ray.accelerators import cluster_check, plan_accelerator, scaling_kwargs, torch_config
+    from geneformer_ray.corpus import read_corpus, read_manifest
+    from geneformer_ray.models import bert_config, check_corpus_vocab, model_vocab
+
+    cfg.validate()
+    manifest = read_manifest(cfg.data.corpus)
+    if cfg.model.init_from:
+        from transformers import AutoConfig
+
+        model_config = AutoConfig.from_pretrained(cfg.model.init_from, local_files_only=True)
+    else:
+        model_config = bert_config(cfg.model.flavour, manifest["vocab"]["name"] if manifest["vocab"]["name"] in ("gc30M", "gc104M") else None)
+    check_corpus_vocab(model_config, manifest, corpus=cfg.data.corpus)
+    vocab = model_vocab(model_config)
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    plan = plan_accelerator(cfg.accelerator, resources)
+    cluster_check(plan, cfg.train.num_workers, resources)
+
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints one line per log step instead
+    corpus = read_corpus(cfg.data.corpus, vocab=vocab, columns=["input_ids", "length", "cell_id"])
+    threshold = int(cfg.data.val_fraction * 2**32)  # validation cells: by a hash of cell_id, stable across runs
+    train_ds = corpus.filter(lambda row: zlib.crc32(row["cell_id"].encode()) >= threshold) if threshold else corpus
+    datasets = {"train": train_ds.randomize_block_order(seed=cfg.train.seed)}
+    num_val = int(round(manifest["num_cells"] * cfg.data.val_fraction))
+    if threshold and num_val >= cfg.train.num_workers:
+        datasets["val"] = corpus.filter(lambda row: zlib.crc32(row["cell_id"].encode()) < threshold)
+    run_dir = Path(cfg.train.storage_path).absolute() / cfg.train.run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cells_per_step = (cfg.data.batch_size or max(1, cfg.data.max_tokens // _median_length(manifest))) \
+        * cfg.train.num_workers * cfg.optim.grad_accum_steps
+    steps_per_epoch = max(1, int(manifest["num_cells"] * (1 - cfg.data.val_fraction)) // cells_per_step)
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    loop_config = {"pretrain": cfg.to_dict(), "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
+                   "vocab_name": vocab.name, "tracking_uri": cfg.tracking_uri(), "run_dir": str(run_dir),
+                   "has_val": "val" in datasets, "artifact_location": cfg.artifact_location()}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(**scaling_kwargs(plan, cfg.train.num_workers)),
+        torch_config=torch_config(plan),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=list(datasets)),
+        run_config=RunConfig(
+            name=cfg.train.run_name, storage_path=str(Path(cfg.train.storage_path).absolute()),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep),
+            worker_runtime_env={"env_vars": plan.env} if plan.env else None,
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    model_dir = Path(result.checkpoint.path) / "model"
+    summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
+               "loss_curve": str(run_dir / "loss_curve.png"), "tracking_uri": cfg.tracking_uri(),
+               "mlflow_run_id": result.metrics.get("mlflow_run_id")}
+    _log_final_model(cfg, summary)
+    return summary
+
+
+def _median_length(manifest: dict) -> int:
+    counts = np.array(manifest["length_histogram"]["counts"])
+    if not counts.sum():
+        return 1024
+    bin_index = int(np.searchsorted(np.cumsum(counts), counts.sum() / 2))
+    return (bin_index + 1) * manifest["length_histogram"]["bin_width"]
+
+
+def _log_final_model(cfg: PretrainConfig, summary: dict) -> None:
+    """Driver side, after the final checkpoint is persisted: model artifact + registered model."""
+    run_id = summary["mlflow_run_id"]
+    if not run_id:
+        return
+    from geneformer_ray.tracking import MlflowTracker
+
+    tracker = MlflowTracker(cfg.tracking_uri(), experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
+                            params=None, run_id=run_id)
+    tracker.log_artifacts(summary["model"], "model")
+    tracker.set_tags({"checkpoint": summary["checkpoint"]})
+    if cfg.tracking.register_as:
+        summary["registered_version"] = tracker.register_model(cfg.tracking.register_as, "model")
+    tracker.finish()

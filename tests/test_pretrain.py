@@ -1,0 +1,141 @@
+"""Rings 1-2: config errors, schedules, checkpoint state, and 2-worker gloo DDP pretraining of `tiny`."""
+
+from __future__ import annotations
+
+import mlflow
+import pytest
+import torch
+
+from geneformer_ray.config import PretrainConfig, load_config
+from geneformer_ray.models import MaskedGeneObjective, build_model
+from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from geneformer_ray.train.schedule import build_scheduler, lr_factor
+from geneformer_ray.vocab import load_vocab
+
+from conftest import PBMC3K
+
+TINY = "geneformer_ray/data/configs/pretrain_tiny.yaml"
+
+
+# -- ring 1 ---------------------------------------------------------------------------------------
+def test_config_errors_name_the_field_and_the_fix(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) optim.learning_rate; known in optim: .*lr"):
+        load_config(PretrainConfig, None, ["data.corpus=x", "optim.learning_rate=0.1"])
+    with pytest.raises(ValueError, match="train.num_workers must be int, got 'two'"):
+        load_config(PretrainConfig, None, ["data.corpus=x", "train.num_workers=two"])
+    with pytest.raises(ValueError, match="data.corpus is empty"):
+        load_config(PretrainConfig, None, [])
+    with pytest.raises(ValueError, match="exactly one of data.batch_size and data.max_tokens"):
+        load_config(PretrainConfig, None, ["data.corpus=x", "data.max_tokens=4096"])
+    with pytest.raises(ValueError, match="model.flavour='gf-99L' is unknown"):
+        load_config(PretrainConfig, None, ["data.corpus=x", "model.flavour=gf-99L"])
+    with pytest.raises(ValueError, match="accelerator.type='tpu'"):
+        load_config(PretrainConfig, None, ["data.corpus=x", "accelerator.type=tpu"])
+    cfg = load_config(PretrainConfig, TINY, ["optim.betas=[0.9, 0.98]", "train.max_steps=7"])
+    assert cfg.optim.betas == (0.9, 0.98) and cfg.train.max_steps == 7
+    assert PretrainConfig.from_dict(cfg.to_dict()) == cfg  # the Ray boundary round trip
+
+
+def test_learning_rate_schedules():
+    table = [lr_factor(s, schedule="linear", warmup_steps=4, total_steps=12) for s in range(12)]
+    assert table[:4] == [0.25, 0.5, 0.75, 1.0] and table[4] == 1.0 and table[8] == 0.5 and table[-1] == 0.125
+    cosine = [lr_factor(s, schedule="cosine", warmup_steps=0, total_steps=10) for s in (0, 5, 10)]
+    assert cosine == pytest.approx([1.0, 0.5, 0.0])
+    assert lr_factor(100, schedule="constant", warmup_steps=10, total_steps=20) == 1.0
+
+
+def _train_steps(objective, optimizer, scheduler, n, seed):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        ids = torch.randint(2, 25_426, (4, 30), generator=gen)
+        labels = torch.where(torch.rand(ids.shape, generator=gen) < 0.15, ids, torch.full_like(ids, -100))
+        labels[0, 0] = ids[0, 0]
+        objective(ids, torch.ones_like(ids), labels).backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+
+
+def _fresh(seed=0):
+    objective = MaskedGeneObjective(build_model("tiny", seed=seed))
+    optimizer = torch.optim.AdamW(objective.parameters(), lr=1e-3, weight_decay=0.01)
+    scheduler = build_scheduler(optimizer, schedule="linear", warmup_steps=3, total_steps=20)
+    return objective, optimizer, scheduler
+
+
+def test_checkpoint_resume_restores_everything_exactly(tmp_path):
+    vocab = load_vocab("gc30M")
+    a = _fresh()
+    _train_steps(*a, 5, seed=1)
+    save_checkpoint(tmp_path / "ckpt", model=a[0].model, optimizer=a[1], scheduler=a[2], vocab=vocab,
+                    progress={"step": 5, "epoch": 0}, config={"x": 1}, tracking_run_id="abc")
+    b = _fresh(seed=99)  # different initial weights: everything must come from the checkpoint
+    state = load_checkpoint(tmp_path / "ckpt", model=b[0].model, optimizer=b[1], scheduler=b[2], vocab=vocab)
+    assert state["progress"] == {"step": 5, "epoch": 0} and state["tracking_run_id"] == "abc"
+    assert b[2].last_epoch == a[2].last_epoch == 5 and b[2].get_last_lr() == a[2].get_last_lr()
+    for (name, pa), pb in zip(a[0].named_parameters(), b[0].parameters()):
+        assert torch.equal(pa, pb), name
+    sa, sb = a[1].state_dict()["state"], b[1].state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    # and the continued runs stay identical (same dropout draws: the process shares one torch RNG)
+    rng = torch.get_rng_state()
+    _train_steps(*a, 3, seed=2)
+    torch.set_rng_state(rng)
+    _train_steps(*b, 3, seed=2)
+    assert all(torch.equal(pa, pb) for pa, pb in zip(a[0].parameters(), b[0].parameters()))
+    with pytest.raises(ValueError, match="differs from gc104M"):
+        load_checkpoint(tmp_path / "ckpt", model=b[0].model, optimizer=b[1], scheduler=b[2], vocab=load_vocab("gc104M"))
+
+
+# -- ring 2 ---------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from geneformer_ray.tokenize_job import tokenize
+
+    out = tmp_path_factory.mktemp("pretrain") / "corpus"
+    tokenize([PBMC3K], out, vocab="gc30M", cells_per_shard=1000, executor="local", progress=False)
+    return out
+
+
+def _config(corpus, storage, *extra):
+    return load_config(PretrainConfig, TINY, [f"data.corpus={corpus}", f"train.storage_path={storage}", "data.batch_size=4",
+                                              "train.log_every=5", "train.val_every=10", "train.checkpoint_every=10",
+                                              "optim.warmup_steps=5", "optim.lr=0.003", *extra])
+
+
+def test_two_worker_ddp_pretraining_learns_and_is_tracked(ray_session, corpus, tmp_path):
+    from transformers import BertForMaskedLM
+
+    from geneformer_ray.train.pretrain import pretrain
+
+    summary = pretrain(_config(corpus, tmp_path, "train.max_steps=30", "train.run_name=ddp"))
+    m = summary["metrics"]
+    assert m["step"] == 30 and m["weights_identical_across_ranks"] is True
+    assert m["final_loss"] < m["first_loss"] - 0.3  # learning happened
+    assert m["val_loss"] == m["val_loss"]  # finite validation loss on the held-out cells
+    model = BertForMaskedLM.from_pretrained(summary["model"])  # stock transformers
+    assert model.config.geneformer_vocab_name == "gc30M"
+    client = mlflow.MlflowClient(summary["tracking_uri"])
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.flavour"] == "tiny" and run.data.params["train.num_workers"] == "2"
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "cells_per_s", "padding_fraction", "data_wait_fraction",
+            "step_time_s", "val_loss"} <= set(run.data.metrics)
+    assert len(client.get_metric_history(run.info.run_id, "loss")) == 6
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"loss_curve.png", "model"} <= artifacts
+    assert str(tmp_path) in run.info.artifact_uri  # beside the store, not in a worker's cwd
+    versions = client.search_model_versions("name='geneformer-tiny'")
+    assert versions and versions[0].run_id == run.info.run_id
+
+
+def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, corpus, tmp_path):
+    from geneformer_ray.train.pretrain import pretrain
+
+    first = pretrain(_config(corpus, tmp_path, "train.max_steps=10", "train.run_name=resume", "train.log_every=10"))
+    assert first["metrics"]["step"] == 10
+    second = pretrain(_config(corpus, tmp_path, "train.max_steps=20", "train.run_name=resume", "train.log_every=10"))
+    assert second["metrics"]["step"] == 20
+    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continues
+    history = mlflow.MlflowClient(second["tracking_uri"]).get_metric_history(second["mlflow_run_id"], "loss")
+    assert sorted(h.step for h in history) == [10, 20]  # steps 1-10 were not trained twice
