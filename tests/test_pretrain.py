@@ -137,5 +137,87 @@ def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, corpu
     second = pretrain(_config(corpus, tmp_path, "train.max_steps=20", "train.run_name=resume", "train.log_every=10"))
     assert second["metrics"]["step"] == 20
     assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continues
+    assert second["metrics"]["restarts"] == 1 and second["metrics"]["resumed_from_step"] == 10
     history = mlflow.MlflowClient(second["tracking_uri"]).get_metric_history(second["mlflow_run_id"], "loss")
     assert sorted(h.step for h in history) == [10, 20]  # steps 1-10 were not trained twice
+
+
+# -- ring 3 ---------------------------------------------------------------------------------------
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` process on loopback."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server_artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield url
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_killed_worker_resumes_from_the_last_checkpoint_tracked_on_a_server(ray_session, corpus, tmp_path, mlflow_server):
+    """SIGKILL a training worker after a checkpoint: the group restarts from it and finishes;
+    the MLflow server holds one run with params, metrics, the model and its registered version."""
+    import os
+    import signal
+    import threading
+    import time
+
+    import psutil
+
+    from geneformer_ray.train.pretrain import pretrain
+
+    storage = tmp_path / "runs"
+    killed = []
+
+    def kill_after_first_checkpoint():
+        deadline = time.time() + 400
+        while time.time() < deadline and not killed:
+            # a second checkpoint folder means the first is registered (every report is a barrier)
+            if len(list((storage / "killed").glob("checkpoint_*"))) >= 2:
+                for proc in psutil.process_iter(["name", "cmdline"]):
+                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) or "RayTrainWorker" in (proc.info["name"] or ""):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
+    killer.start()
+    summary = pretrain(_config(corpus, storage, "train.max_steps=40", "train.run_name=killed", "train.max_failures=2",
+                               f"tracking.uri={mlflow_server}", "tracking.register_as=gf-tiny-server"))
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert summary["metrics"]["step"] == 40 and summary["metrics"]["weights_identical_across_ranks"]
+    client = mlflow.MlflowClient(mlflow_server)
+    run = client.get_run(summary["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.params["train.max_failures"] == "2"
+    m = summary["metrics"]
+    assert m["restarts"] == 1 and m["resumed_from_step"] in (10, 20, 30)  # restarted from a checkpoint, not step 0
+    steps = [h.step for h in client.get_metric_history(run.info.run_id, "loss")]
+    assert all(steps.count(s) == 1 for s in range(5, m["resumed_from_step"] + 1, 5))  # not trained twice
+    assert set(steps) == set(range(5, 41, 5))
+    assert "model" in {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert client.search_model_versions("name='gf-tiny-server'")[0].run_id == run.info.run_id

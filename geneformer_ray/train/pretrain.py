@@ -64,6 +64,10 @@ def train_loop_per_worker(config: dict) -> None:
         with checkpoint.as_directory() as folder:
             state = load_checkpoint(folder, model=objective.model, optimizer=optimizer, scheduler=scheduler, vocab=vocab)
         progress, run_id = state["progress"], state["tracking_run_id"]
+        progress["restarts"] = progress.get("restarts", 0) + 1  # after a failure, or a re-run of the same name
+        progress["resumed_from_step"] = progress["step"]
+        if rank == 0:
+            print(f"resuming from the checkpoint at step {progress['step']}", flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type != "cpu" else None) \
         if distributed else objective
     tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
@@ -188,7 +192,8 @@ def train_loop_per_worker(config: dict) -> None:
     final = {"step": progress["step"], "epoch": progress["epoch"], "first_loss": progress["first_loss"],
              "final_loss": history[-1][1] if history else None, "val_loss": validate(),
              "weights_identical_across_ranks": len({float(g.item()) for g in gathered}) == 1,
-             "mlflow_run_id": tracker.run_id or "", "done": True}
+             "mlflow_run_id": tracker.run_id or "", "restarts": progress.get("restarts", 0),
+             "resumed_from_step": progress.get("resumed_from_step"), "done": True}
     if rank == 0:
         _finish_tracking(tracker, history, val_history, cfg, config["run_dir"])
     report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
