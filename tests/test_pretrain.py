@@ -129,6 +129,18 @@ def test_two_worker_ddp_pretraining_learns_and_is_tracked(ray_session, corpus, t
     assert versions and versions[0].run_id == run.info.run_id
 
 
+def test_token_budget_batches_with_gradient_accumulation(ray_session, corpus, tmp_path):
+    """Token budgets give ranks different numbers of batches: they must still stop together."""
+    from geneformer_ray.train.pretrain import pretrain
+
+    summary = pretrain(_config(corpus, tmp_path, "data.batch_size=null", "data.max_tokens=16000", "optim.grad_accum_steps=2",
+                               "train.epochs=1", "train.max_steps=null", "train.run_name=budget", "train.log_every=10",
+                               "optim.schedule=cosine", "accelerator.precision=bf16"))
+    m = summary["metrics"]
+    assert m["step"] > 10 and m["epoch"] == 1 and m["weights_identical_across_ranks"]
+    assert m["final_loss"] < m["first_loss"]
+
+
 def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, corpus, tmp_path):
     from geneformer_ray.train.pretrain import pretrain
 
