@@ -12,6 +12,7 @@ from __future__ import annotations
 import tempfile
 import time
 import zlib
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -145,7 +146,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break  # epoch over on some rank
             for i, batch in enumerate(micro):
                 sync = i == len(micro) - 1 or not distributed
-                with (ddp.no_sync() if not sync else _nullcontext()), autocast(plan, device):
+                with (ddp.no_sync() if not sync else nullcontext()), autocast(plan, device):
                     loss = ddp(**to_device(batch)) / len(micro)
                 loss.backward()
                 window["loss"].append(loss.item() * len(micro))
@@ -197,12 +198,6 @@ def train_loop_per_worker(config: dict) -> None:
     if rank == 0:
         _finish_tracking(tracker, history, val_history, cfg, config["run_dir"])
     report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
-
-
-def _nullcontext():
-    from contextlib import nullcontext
-
-    return nullcontext()
 
 
 def _finish_tracking(tracker, history, val_history, cfg: PretrainConfig, run_dir: str) -> None:
