@@ -280,15 +280,14 @@ def rank_value_encode(counts: sp.csr_matrix, n_counts: np.ndarray, plan: GenePla
 def count_problems(counts: sp.csr_matrix, *, allow_non_integer: bool) -> dict:
     """Values that raw counts cannot have: {'negative': n, 'nan or inf': n, 'non-integer': n, 'first': (row, col)}."""
     data = counts.data
-    problems = {"negative": int(np.count_nonzero(data < 0))}
+    masks = {"negative": data < 0}  # each mask computed once: this runs on every chunk
     if data.dtype.kind == "f":
         finite = np.isfinite(data)
-        problems["nan or inf"] = int(data.size - np.count_nonzero(finite))
+        masks["nan or inf"] = ~finite
         if not allow_non_integer:
-            problems["non-integer"] = int(np.count_nonzero(finite & (data != np.floor(data))))
-    bad = data < 0
-    if data.dtype.kind == "f":
-        bad |= ~np.isfinite(data) | ((data != np.floor(data)) & (not allow_non_integer))
+            masks["non-integer"] = finite & (data != np.floor(data))
+    problems = {kind: int(np.count_nonzero(mask)) for kind, mask in masks.items()}
+    bad = np.logical_or.reduce(list(masks.values()))
     first = int(np.argmax(bad)) if bad.any() else -1
     problems = {k: v for k, v in problems.items() if v}
     if first >= 0:
