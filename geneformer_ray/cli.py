@@ -67,6 +67,15 @@ def _pretrain(args) -> int:
     return 0
 
 
+def _finetune(args) -> int:
+    from geneformer_ray.config import FinetuneConfig, load_config
+    from geneformer_ray.train.finetune import finetune, format_finetune_summary
+
+    overrides = ([f"task.kind={args.task}"] if args.task else []) + args.set
+    print(format_finetune_summary(finetune(load_config(FinetuneConfig, args.config, overrides))))
+    return 0
+
+
 def _print_training_summary(summary: dict) -> None:
     m = summary["metrics"]
     print(f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> {m.get('final_loss') or float('nan'):.4f}"
@@ -100,8 +109,24 @@ def _quickstart(args) -> int:
     print(f"corpus: {corpus}")
     overrides = [f"data.corpus={corpus}", f"train.storage_path={out}", f"train.max_steps={args.steps}", *args.set]
     cfg = load_config(PretrainConfig, QUICKSTART_CONFIG, overrides)
-    _print_training_summary(pretrain(cfg))
+    summary = pretrain(cfg)
+    _print_training_summary(summary)
+    stable = _publish_model(summary["model"], out / "model")
+    print(f"model for fine-tuning (jobs/configs/finetune_*.yaml start here): {stable}")
     return 0
+
+
+def _publish_model(model_dir: str, target: Path) -> Path:
+    """Copy the final model to a fixed path (the checkpoint folder name changes every run), atomically."""
+    import shutil
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
 
 
 def _parse_obs(items: list[str]) -> dict[str, str]:
@@ -158,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.set_defaults(func=_pretrain)
+
+    p = sub.add_parser("finetune", help="fine-tune for cell, gene or multitask classification on Ray Train")
+    p.add_argument("--task", choices=["cell", "gene", "multitask"], default=None, help="overrides task.kind of the config")
+    p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune_*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    p.set_defaults(func=_finetune)
 
     p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU workers")
     p.add_argument("--out", default="runs/quickstart")

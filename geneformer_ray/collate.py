@@ -118,19 +118,36 @@ def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
 
 def iter_mlm_batches(shard, *, masker: GeneMasker, pad_id: int, batch_size: int | None, max_tokens: int | None,
                      window_batches: int, shuffle_buffer: int, seed: int):
-    """Masked, padded, length-grouped batches (numpy) from a Ray Data shard of a corpus.
+    """Masked, padded, length-grouped batches (numpy) from a Ray Data shard of a corpus (see
+    ``iter_padded_batches``); labels are -100 except at the masked positions."""
+    for batch in iter_padded_batches(shard, pad_id=pad_id, batch_size=batch_size, max_tokens=max_tokens,
+                                     window_batches=window_batches, shuffle_buffer=shuffle_buffer, seed=seed):
+        masked, labels = masker(batch["input_ids"])
+        yield {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
 
-    The shard is read a window of ``window_batches`` batches at a time (rows shuffled through a
-    local buffer, seeded), each window is cut into length-grouped batches in shuffled order.
+
+def iter_padded_batches(shard, *, pad_id: int, batch_size: int | None = None, max_tokens: int | None = None,
+                        window_batches: int = 64, shuffle_buffer: int = 0, seed: int = 0, columns: list[str] = (),
+                        keep=None):
+    """Padded, length-grouped batches (numpy) from a Ray Data shard or dataset of a corpus.
+
+    Yields {"input_ids": (batch, longest), "attention_mask": (batch, longest), column: (batch, ...)}.
+    The shard is read ``window_batches`` batches at a time (rows shuffled through a local buffer of
+    ``shuffle_buffer`` rows when > 0, seeded), each window cut into length-grouped batches in
+    shuffled order. ``keep(cell_ids) -> bool mask`` selects rows first (e.g. one rank's stripe).
     """
     rng = np.random.default_rng(seed)
     window_rows = window_batches * (batch_size or max(1, max_tokens // 1024))
     for window in shard.iter_batches(batch_size=window_rows, batch_format="numpy", prefetch_batches=1,
                                      local_shuffle_buffer_size=shuffle_buffer or None,
                                      local_shuffle_seed=seed if shuffle_buffer else None):
+        if keep is not None:
+            mask = keep(window["cell_id"])
+            window = {k: v[mask] for k, v in window.items()}
         cells, lengths = window["input_ids"], np.asarray(window["length"])
+        if not lengths.size:
+            continue
         for batch in length_grouped_batches(lengths, rng, batch_size=batch_size, max_tokens=max_tokens,
                                             window_batches=lengths.size):
             input_ids, attention_mask = pad_cells([cells[i] for i in batch], pad_id=pad_id)
-            masked, labels = masker(input_ids)
-            yield {"input_ids": masked, "attention_mask": attention_mask, "labels": labels}
+            yield {"input_ids": input_ids, "attention_mask": attention_mask, **{c: window[c][batch] for c in columns}}

@@ -45,6 +45,7 @@ class DataConfig:
 class ModelConfig:
     flavour: str = "tiny"  # see geneformer_ray.models.FLAVOURS
     init_from: str | None = None  # checkpoint folder to start from (ours or a published Geneformer one)
+    sparse_attention_dropout: bool = True  # CPU training: same dropout law, ~5x cheaper (geneformer_ray.attention)
 
     def validate(self):
         from geneformer_ray.models import FLAVOURS
@@ -104,25 +105,21 @@ class TrackingConfig:
     artifact_location: str | None = None  # new experiments' artifact root; default <storage_path>/mlartifacts for sqlite
 
 
-@dataclass
-class PretrainConfig:
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+class _Sections:
+    """Shared behaviour of the top-level configs: validation, the Ray boundary, tracking defaults."""
 
-    def validate(self) -> "PretrainConfig":
-        for section in (self.data, self.model, self.optim, self.train):
-            section.validate()
+    def validate(self):
+        for f in dataclasses.fields(self):
+            section = getattr(self, f.name)
+            if hasattr(section, "validate"):
+                section.validate()
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "PretrainConfig":
+    def from_dict(cls, values: dict):
         return _build(cls, values, "")
 
     def tracking_uri(self) -> str:
@@ -133,6 +130,162 @@ class PretrainConfig:
         if self.tracking.artifact_location or self.tracking.uri:
             return self.tracking.artifact_location
         return (Path(self.train.storage_path).absolute() / "mlartifacts").as_uri()
+
+
+@dataclass
+class PretrainConfig(_Sections):
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+# -- fine-tuning ------------------------------------------------------------------------------------
+TASK_KINDS = ("cell", "gene", "multitask")
+
+
+@dataclass
+class FinetuneDataConfig:
+    corpus: str = ""  # corpus folder with the label / group columns carried from obs
+    batch_size: int = 12  # cells per device per step
+    window_batches: int = 16  # length grouping window
+    shuffle_buffer: int = 2048
+    max_cells: int | None = None  # subsample the corpus (seeded) before splitting
+
+    def validate(self):
+        if not self.corpus:
+            raise ValueError("data.corpus is empty; set it to a corpus folder (geneformer-ray tokenize ... --out DIR)")
+        if self.batch_size < 1 or self.window_batches < 1:
+            raise ValueError("data.batch_size and data.window_batches must be at least 1")
+
+
+@dataclass
+class TaskConfig:
+    kind: str = "cell"  # cell | gene | multitask
+    label_column: str | None = None  # cell: the class column
+    label_columns: list[str] = field(default_factory=list)  # multitask: one head per column
+    loss_weights: dict[str, float] = field(default_factory=dict)  # multitask: per column (default 1)
+    derived_columns: dict[str, dict[str, str]] = field(default_factory=dict)  # {new: {source: COL, VALUE: LABEL, ...}}
+    min_class_size: int = 10  # classes with fewer cells (genes) are dropped and reported
+    class_weights: str = "none"  # none | balanced (inverse class frequency in the loss)
+    gene_classes: str | None = None  # gene: CSV/TSV of Ensembl IDs, one column per class (or long with gene_label_column)
+    gene_label_column: str | None = None  # gene: long format, the column holding each gene's class
+    num_folds: int = 5  # gene: k-fold cross-validation split by gene
+    max_folds: int | None = None  # gene: run only the first folds (quick looks)
+    baseline: bool = False  # cell / multitask: also fit logistic regression on log-normalised counts, same split
+
+    def validate(self):
+        if self.kind not in TASK_KINDS:
+            raise ValueError(f"task.kind={self.kind!r}: use cell, gene or multitask")
+        if self.kind == "cell" and not self.label_column:
+            raise ValueError("task.kind=cell needs task.label_column (the obs column carried into the corpus)")
+        if self.kind == "multitask" and len(self.label_columns) < 2:
+            raise ValueError("task.kind=multitask needs task.label_columns with at least two columns")
+        if self.kind == "gene" and not self.gene_classes:
+            raise ValueError("task.kind=gene needs task.gene_classes (a CSV/TSV of Ensembl IDs per class)")
+        if self.class_weights not in ("none", "balanced"):
+            raise ValueError(f"task.class_weights={self.class_weights!r}: use none or balanced")
+        for name, mapping in self.derived_columns.items():
+            if "source" not in mapping:
+                raise ValueError(f"task.derived_columns.{name} needs a 'source' column and VALUE: LABEL pairs "
+                                 "(values not listed become 'other')")
+        unknown = set(self.loss_weights) - set(self.label_columns)
+        if unknown:
+            raise ValueError(f"task.loss_weights names {sorted(unknown)}, not in task.label_columns {self.label_columns}")
+        if self.min_class_size < 1:
+            raise ValueError("task.min_class_size must be at least 1")
+
+
+@dataclass
+class SplitConfig:
+    method: str = "stratified"  # stratified | group | ids
+    val_fraction: float = 0.1
+    test_fraction: float = 0.2
+    group_column: str | None = None  # group: no value (donor, patient) in two splits
+    ids: dict[str, str] = field(default_factory=dict)  # ids: {train: FILE, val: FILE, test: FILE}, one cell id per line
+    seed: int = 0
+
+    def validate(self):
+        if self.method not in ("stratified", "group", "ids"):
+            raise ValueError(f"split.method={self.method!r}: use stratified, group or ids")
+        if self.method == "group" and not self.group_column:
+            raise ValueError("split.method=group needs split.group_column (e.g. donor)")
+        if self.method == "ids" and not self.ids:
+            raise ValueError("split.method=ids needs split.ids: {train: FILE, val: FILE, test: FILE}")
+
+
+@dataclass
+class FinetuneModelConfig:
+    init_from: str | None = None  # pretrained folder (ours or a published Geneformer one); None = from scratch
+    flavour: str = "tiny"  # from scratch only
+    freeze_layers: int = 0  # freeze the embeddings and the first N encoder layers
+    lora_rank: int = 0  # > 0: LoRA adapters (peft) instead of full fine-tuning, merged back when saved
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
+    hidden_dropout: float | None = None  # override the checkpoint's dropout
+    attention_dropout: float | None = None
+    sparse_attention_dropout: bool = True  # CPU training: same dropout law, cheaper (geneformer_ray.attention)
+
+    def validate(self):
+        from geneformer_ray.models import FLAVOURS
+
+        if self.init_from is None and self.flavour not in FLAVOURS:
+            raise ValueError(f"model.flavour={self.flavour!r} is unknown; choose one of {', '.join(FLAVOURS)}")
+        if self.init_from is not None and not (Path(self.init_from) / "config.json").exists():
+            raise ValueError(f"model.init_from={self.init_from!r} is not a model folder (no config.json); "
+                             "pass a folder saved by geneformer-ray (…/model) or a Geneformer checkpoint")
+        if self.freeze_layers < 0 or self.lora_rank < 0:
+            raise ValueError("model.freeze_layers and model.lora_rank must be >= 0")
+        for name in ("hidden_dropout", "attention_dropout"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < 1:
+                raise ValueError(f"model.{name}={value} must be in [0, 1)")
+
+
+@dataclass
+class FinetuneTrainConfig:
+    num_workers: int = 2
+    epochs: int = 3
+    max_steps: int | None = None
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int | None = None  # steps between validation runs; None = at the end of every epoch
+    max_failures: int = 1
+    num_checkpoints_to_keep: int = 1
+    run_name: str = "finetune"  # re-running with the same name and storage_path resumes
+    storage_path: str = "runs"  # multi-node: shared storage
+
+    def validate(self):
+        for name in ("num_workers", "epochs", "log_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        if self.eval_every is not None and self.eval_every < 1:
+            raise ValueError(f"train.eval_every={self.eval_every} must be at least 1 (or null: every epoch)")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ValueError(f"train.max_steps={self.max_steps} must be at least 1 (or null for whole epochs)")
+
+
+def _finetune_optim() -> OptimConfig:
+    return OptimConfig(lr=5e-5, weight_decay=0.001, warmup_steps=50, schedule="linear")
+
+
+def _finetune_tracking() -> TrackingConfig:
+    return TrackingConfig(experiment="geneformer-finetune")
+
+
+@dataclass
+class FinetuneConfig(_Sections):
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    model: FinetuneModelConfig = field(default_factory=FinetuneModelConfig)
+    optim: OptimConfig = field(default_factory=_finetune_optim)
+    train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
+    accelerator: AcceleratorConfig = field(default_factory=AcceleratorConfig)
+    tracking: TrackingConfig = field(default_factory=_finetune_tracking)
 
 
 def load_config(cls, path: str | Path | None = None, overrides: list[str] | None = None):
@@ -203,7 +356,14 @@ def _coerce(hint, value, name: str):
     if origin is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{name} must be a mapping, got {value!r}")
-        return {str(k): str(v) for k, v in value.items()}
+        value_hint = typing.get_args(hint)[1]
+        if value_hint is str:  # environment-like mappings: numbers are written as text
+            return {str(k): str(v) for k, v in value.items()}
+        return {str(k): _coerce(value_hint, v, f"{name}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{name} must be a list, got {value!r}")
+        return [_coerce(typing.get_args(hint)[0], v, name) for v in value]
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):

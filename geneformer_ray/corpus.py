@@ -162,15 +162,31 @@ def shard_paths(corpus: str | Path) -> list[str]:
     return [str(corpus / s["path"]) for s in read_manifest(corpus)["shards"]]
 
 
-def read_corpus(corpus: str | Path, *, vocab: Vocabulary | str | None = None, columns: list[str] | None = None):
-    """A Ray Dataset over the corpus shards, after checking the manifest (and the vocabulary)."""
+def read_corpus(corpus: str | Path, *, vocab: Vocabulary | str | None = None, columns: list[str] | None = None,
+                shuffle_seed: int | None = None):
+    """A Ray Dataset over the corpus shards, after checking the manifest (and the vocabulary).
+
+    With ``shuffle_seed`` the shard order is shuffled, differently at every execution of the
+    dataset (each training epoch) and the same sequence of orders for the same seed: Ray Data's
+    ``FileShuffleConfig`` with ``reseed_after_execution``, and order preserved through the parallel
+    reads so that parallelism does not undo the seed.
+    """
     import ray.data
 
     manifest = read_manifest(corpus)
     if vocab is not None:
         check_vocab(manifest, vocab, corpus=corpus)
-    ds = ray.data.read_parquet(shard_paths(corpus))
+    shuffle = None if shuffle_seed is None else ray.data.FileShuffleConfig(seed=shuffle_seed, reseed_after_execution=True)
+    ds = ray.data.read_parquet(shard_paths(corpus), shuffle=shuffle)
+    if shuffle is not None:
+        ds.context.execution_options.preserve_order = True
     return ds.select_columns(columns) if columns else ds
+
+
+def read_columns(corpus: str | Path, columns: list[str]):
+    """Some columns of every shard as one pyarrow Table, in corpus order (driver-side label work)."""
+    tables = [pq.read_table(p, columns=columns) for p in shard_paths(corpus)]
+    return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:

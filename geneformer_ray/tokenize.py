@@ -15,7 +15,7 @@ Geneformer's, in float64 and in its order, so the tokens match Geneformer's toke
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numba
 import numpy as np

@@ -11,6 +11,7 @@ The tracking URI is always explicit (MLflow's default is a sqlite file in each w
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 
@@ -38,7 +39,7 @@ class NullTracker:
 
 class MlflowTracker(NullTracker):
     def __init__(self, uri: str, *, experiment: str, run_name: str, params: dict | None, run_id: str | None = None,
-                 artifact_location: str | None = None):
+                 artifact_location: str | None = None, tags: dict | None = None):
         import mlflow
 
         self.mlflow = mlflow
@@ -48,7 +49,7 @@ class MlflowTracker(NullTracker):
             experiment_obj = self.client.get_experiment_by_name(experiment)
             experiment_id = experiment_obj.experiment_id if experiment_obj else \
                 self.client.create_experiment(experiment, artifact_location=artifact_location)
-            run = self.client.create_run(experiment_id, run_name=run_name)
+            run = self.client.create_run(experiment_id, run_name=run_name, tags=tags)  # mlflow.parentRunId nests it
             run_id = run.info.run_id
             for key, value in flatten(params or {}).items():
                 self.client.log_param(run_id, key, value)
@@ -93,18 +94,33 @@ class MlflowTracker(NullTracker):
 
 
 def start_tracking(uri: str | None, *, experiment: str, run_name: str, rank: int, params: dict | None = None,
-                   run_id: str | None = None, artifact_location: str | None = None) -> NullTracker:
+                   run_id: str | None = None, artifact_location: str | None = None, tags: dict | None = None) -> NullTracker:
     if rank != 0 or uri is None:
         return NullTracker()
     return MlflowTracker(uri, experiment=experiment, run_name=run_name, params=params, run_id=run_id,
-                         artifact_location=artifact_location)
+                         artifact_location=artifact_location, tags=tags)
+
+
+def log_final_model(cfg, run_name: str, summary: dict) -> str | None:
+    """Driver side, once the final checkpoint is persisted: the model folder as the run's ``model``
+    artifact, the checkpoint path as a tag, and a registered model version when the config names one."""
+    run_id = summary.get("mlflow_run_id")
+    if not run_id:
+        return None
+    tracker = MlflowTracker(cfg.tracking_uri(), experiment=cfg.tracking.experiment, run_name=run_name, params=None,
+                            run_id=run_id)
+    tracker.log_artifacts(summary["model"], "model")
+    tracker.set_tags({"checkpoint": summary["checkpoint"]})
+    version = tracker.register_model(cfg.tracking.register_as, "model") if cfg.tracking.register_as else None
+    tracker.finish()
+    return version
 
 
 def flatten(values: dict, prefix: str = "") -> dict[str, str]:
     """Nested config -> {'optim.lr': '0.001', ...} (MLflow params are flat strings, 6,000 chars max)."""
     flat = {}
     for key, value in values.items():
-        name = f"{prefix}{key}"
+        name = re.sub(r"[^\w\-. :/]", "_", f"{prefix}{key}")  # MLflow's allowed key characters (e.g. 'CD14+ Mono')
         if isinstance(value, dict) and value:
             flat.update(flatten(value, name + "."))
         else:

@@ -29,6 +29,50 @@ def ray_session():
     ray.shutdown()
 
 
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` process on loopback."""
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+                             "--artifacts-destination", str(tmp_path / "server_artifacts")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{url}/health", timeout=1)
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            raise RuntimeError("mlflow server did not start")
+        yield url
+    finally:
+        import os
+        import signal
+
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="session")
+def pbmc3k_v1_corpus(tmp_path_factory):
+    """The real PBMC3k tokenized with gc30M (3 shards, every obs column): shared by the training tests."""
+    from geneformer_ray.tokenize_job import tokenize
+
+    out = tmp_path_factory.mktemp("pbmc3k_v1") / "corpus"
+    tokenize([PBMC3K], out, vocab="gc30M", cells_per_shard=1000, executor="local", progress=False)
+    return out
+
+
 def tiny_vocab(*, cls_eos: bool = False, model_input_size: int | None = None) -> Vocabulary:
     """Six genes G1..G6 with medians chosen so hand computation is easy."""
     specials = ["<pad>", "<mask>"] + (["<cls>", "<eos>"] if cls_eos else [])

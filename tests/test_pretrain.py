@@ -12,7 +12,6 @@ from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from geneformer_ray.train.schedule import build_scheduler, lr_factor
 from geneformer_ray.vocab import load_vocab
 
-from conftest import PBMC3K
 
 TINY = "geneformer_ray/data/configs/pretrain_tiny.yaml"
 
@@ -89,12 +88,8 @@ def test_checkpoint_resume_restores_everything_exactly(tmp_path):
 
 # -- ring 2 ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from geneformer_ray.tokenize_job import tokenize
-
-    out = tmp_path_factory.mktemp("pretrain") / "corpus"
-    tokenize([PBMC3K], out, vocab="gc30M", cells_per_shard=1000, executor="local", progress=False)
-    return out
+def corpus(pbmc3k_v1_corpus):
+    return pbmc3k_v1_corpus
 
 
 def _config(corpus, storage, *extra):
@@ -155,40 +150,6 @@ def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, corpu
 
 
 # -- ring 3 ---------------------------------------------------------------------------------------
-@pytest.fixture
-def mlflow_server(tmp_path):
-    """A real `mlflow server` process on loopback."""
-    import socket
-    import subprocess
-    import time
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-                             "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-                             "--artifacts-destination", str(tmp_path / "server_artifacts")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{url}/health", timeout=1)
-                break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            raise RuntimeError("mlflow server did not start")
-        yield url
-    finally:
-        import os
-        import signal
-
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
-
-
 def test_killed_worker_resumes_from_the_last_checkpoint_tracked_on_a_server(ray_session, corpus, tmp_path, mlflow_server):
     """SIGKILL a training worker after a checkpoint: the group restarts from it and finishes;
     the MLflow server holds one run with params, metrics, the model and its registered version."""

@@ -68,6 +68,28 @@ def test_ray_data_reader_checks_the_vocabulary(v2_corpus, ray_session):
         check_vocab(read_manifest(out), "gc30M", corpus=out)
 
 
+def test_seeded_shard_order_changes_every_epoch_and_repeats_for_the_seed(ray_session, tmp_path):
+    tokenize([PBMC3K], tmp_path / "c", vocab="gc30M", cells_per_shard=200, executor="local", progress=False)
+    shard_of = {}
+    for i, path in enumerate(sorted((tmp_path / "c").glob("part-*.parquet"))):
+        shard_of.update((cell, i) for cell in pq.read_table(path, columns=["cell_id"])["cell_id"].to_pylist())
+
+    def shard_orders(ds, epochs=3):
+        orders = []
+        for _ in range(epochs):  # each iteration is one execution, as each training epoch is
+            cells = [c for b in ds.iter_batches(batch_size=None, batch_format="numpy") for c in b["cell_id"]]
+            assert sorted(cells) == sorted(shard_of)  # every cell once per epoch
+            order = [shard_of[c] for c in cells]
+            orders.append([s for j, s in enumerate(order) if j == 0 or order[j - 1] != s])
+        return orders
+
+    seeded = shard_orders(read_corpus(tmp_path / "c", columns=["cell_id"], shuffle_seed=5))
+    assert len(seeded[0]) == 14 and sorted(seeded[0]) == list(range(14))  # whole shards, each once
+    assert seeded[0] != seeded[1] != seeded[2] and seeded[0] != list(range(14))
+    assert shard_orders(read_corpus(tmp_path / "c", columns=["cell_id"], shuffle_seed=5)) == seeded  # same seed: same epochs
+    assert shard_orders(read_corpus(tmp_path / "c", columns=["cell_id"], shuffle_seed=6), 1)[0] != seeded[0]
+
+
 def test_local_and_ray_executors_agree(v2_corpus, tmp_path):
     out, _ = v2_corpus
     tokenize([PBMC3K], tmp_path / "local", vocab="gc104M", options=TokenizeOptions(obs_columns={"cell_type": "cell_type"}),

@@ -36,8 +36,9 @@ def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab
     return directory
 
 
-def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab: Vocabulary) -> dict:
-    """Restore model weights, optimizer and scheduler in place; returns the saved state (progress, run id)."""
+def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab: Vocabulary, weights: dict | None = None) -> dict:
+    """Restore model weights, optimizer and scheduler in place; returns the saved state (progress, run id).
+    ``weights``: the state dict to load instead of ``model/model.safetensors`` (e.g. with LoRA adapters)."""
     from safetensors.torch import load_file
 
     directory = Path(directory)
@@ -47,7 +48,7 @@ def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab
     if state["vocab_sha256"] != vocab.sha256:
         raise ValueError(f"{directory}: checkpoint vocabulary sha256 {state['vocab_sha256'][:12]} differs from {vocab.name} ({vocab.sha256[:12]}); "
                          "resume with the vocabulary it was trained with")
-    weights = load_file(directory / "model" / "model.safetensors")
+    weights = load_file(directory / "model" / "model.safetensors") if weights is None else weights
     target = getattr(model, "module", model)
     missing, unexpected = target.load_state_dict(weights, strict=False)
     tied = {"cls.predictions.decoder.weight", "cls.predictions.decoder.bias"}

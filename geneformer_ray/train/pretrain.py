@@ -9,7 +9,6 @@ and returns a summary with where the model, the MLflow run and the loss curve ar
 
 from __future__ import annotations
 
-import tempfile
 import time
 import zlib
 from contextlib import nullcontext
@@ -24,22 +23,22 @@ from geneformer_ray.config import PretrainConfig
 def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
-    import torch.distributed as dist
 
     from geneformer_ray.accelerators import AcceleratorPlan, autocast, worker_device
+    from geneformer_ray.attention import use_sparse_attention_dropout
     from geneformer_ray.collate import GeneMasker, iter_mlm_batches
     from geneformer_ray.models import MaskedGeneObjective, build_model, load_model, model_vocab
     from geneformer_ray.tracking import start_tracking
     from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
+    from geneformer_ray.train.common import Ranks, build_optimizer, report, to_device
     from geneformer_ray.train.schedule import build_scheduler
 
     cfg = PretrainConfig.from_dict(config["pretrain"])
     plan = AcceleratorPlan(**config["accelerator_plan"])
     total_steps = config["total_steps"]
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    ranks = Ranks.current()
+    rank, world, distributed = ranks.rank, ranks.world, ranks.distributed
     device = worker_device(plan)
-    distributed = world > 1 and dist.is_initialized()
 
     # setup: model, optimizer, schedule
     torch.manual_seed(cfg.train.seed)
@@ -48,12 +47,10 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model = build_model(cfg.model.flavour, config["vocab_name"], seed=cfg.train.seed)
         vocab = model_vocab(model.config)
+    if cfg.model.sparse_attention_dropout:
+        use_sparse_attention_dropout(model)  # acts only when training on CPU with attention dropout
     objective = MaskedGeneObjective(model).to(device)
-    decay = [p for n, p in objective.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in objective.named_parameters() if p.ndim <= 1]  # biases and LayerNorm
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.optim.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=cfg.optim.lr, betas=cfg.optim.betas, eps=cfg.optim.eps)
+    optimizer = build_optimizer(objective, cfg.optim)
     scheduler = build_scheduler(optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
                                 total_steps=total_steps)
 
@@ -82,23 +79,6 @@ def train_loop_per_worker(config: dict) -> None:
                                 window_batches=cfg.data.window_batches, shuffle_buffer=cfg.data.shuffle_buffer,
                                 seed=cfg.train.seed * 1000 + epoch)
 
-    def all_have(item) -> bool:  # ranks may hold different numbers of batches: stop together
-        if not distributed:
-            return item is not None
-        flag = torch.tensor([0.0 if item is None else 1.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        return bool(flag.item())
-
-    def mean_over_ranks(values: list[float]) -> list[float]:
-        tensor = torch.tensor(values, dtype=torch.float64)
-        if distributed:
-            dist.all_reduce(tensor)
-            tensor /= world
-        return tensor.tolist()
-
-    def to_device(batch: dict) -> dict:
-        return {k: torch.from_numpy(v).to(device, non_blocking=True) for k, v in batch.items()}
-
     def validate() -> float | None:
         if not config["has_val"]:
             return None
@@ -107,23 +87,18 @@ def train_loop_per_worker(config: dict) -> None:
         with torch.no_grad():
             for _ in range(cfg.train.val_batches):
                 batch = next(it, None)
-                if not all_have(batch):
+                if not ranks.all_have(batch):
                     break
                 with autocast(plan, device):
-                    losses.append(objective(**to_device(batch)).item())
+                    losses.append(objective(**to_device(batch, device)).item())
         objective.train()
-        return mean_over_ranks([float(np.mean(losses)) if losses else float("nan")])[0]
+        return ranks.mean([float(np.mean(losses)) if losses else float("nan")])[0]
 
-    def report(metrics: dict, *, save: bool) -> None:
+    def log_and_report(metrics: dict, *, save: bool) -> None:
         tracker.log_metrics(metrics, step=progress["step"])
-        if not save:
-            ray.train.report(metrics)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            if rank == 0:
-                save_checkpoint(tmp, model=objective.model, optimizer=optimizer, scheduler=scheduler, vocab=vocab,
-                                progress=progress, config=config["pretrain"], tracking_run_id=tracker.run_id)
-            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+        report(metrics, rank=rank, save=(lambda folder: save_checkpoint(
+            folder, model=objective.model, optimizer=optimizer, scheduler=scheduler, vocab=vocab, progress=progress,
+            config=config["pretrain"], tracking_run_id=tracker.run_id)) if save else None)
 
     # loop
     objective.train()
@@ -139,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
                 t0 = time.perf_counter()
                 batch = next(stream, None)
                 window["wait"] += time.perf_counter() - t0
-                if not all_have(batch):
+                if not ranks.all_have(batch):
                     break
                 micro.append(batch)
             if len(micro) < cfg.optim.grad_accum_steps:
@@ -147,7 +122,7 @@ def train_loop_per_worker(config: dict) -> None:
             for i, batch in enumerate(micro):
                 sync = i == len(micro) - 1 or not distributed
                 with (ddp.no_sync() if not sync else nullcontext()), autocast(plan, device):
-                    loss = ddp(**to_device(batch)) / len(micro)
+                    loss = ddp(**to_device(batch, device)) / len(micro)
                 loss.backward()
                 window["loss"].append(loss.item() * len(micro))
                 window["tokens"] += int(batch["attention_mask"].sum())
@@ -162,7 +137,7 @@ def train_loop_per_worker(config: dict) -> None:
             step = progress["step"]
             if step % cfg.train.log_every == 0 or done:
                 elapsed = time.perf_counter() - window["start"]
-                loss_mean, tokens, cells, padded, wait = mean_over_ranks(
+                loss_mean, tokens, cells, padded, wait = ranks.mean(
                     [float(np.mean(window["loss"])), window["tokens"], window["cells"], window["padded"], window["wait"]])
                 if progress["first_loss"] is None:
                     progress["first_loss"] = loss_mean
@@ -180,24 +155,21 @@ def train_loop_per_worker(config: dict) -> None:
                     print(f"step {step}/{total_steps} loss {loss_mean:.4f}"
                           + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
                           + f" lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
-                report(metrics, save=step % cfg.train.checkpoint_every == 0 and not done)
+                log_and_report(metrics, save=step % cfg.train.checkpoint_every == 0 and not done)
                 window = {"loss": [], "tokens": 0, "cells": 0, "padded": 0, "wait": 0.0, "start": time.perf_counter()}
         if not done:
             progress["epoch"] += 1
 
     # final save: every rank reports once more, rank 0 with the checkpoint
-    checksum = torch.tensor([sum(float(p.detach().double().sum()) for p in objective.parameters())], dtype=torch.float64)
-    gathered = [torch.zeros_like(checksum) for _ in range(world)] if distributed else [checksum]
-    if distributed:
-        dist.all_gather(gathered, checksum)
+    checksums = ranks.gather(sum(float(p.detach().double().sum()) for p in objective.parameters()))
     final = {"step": progress["step"], "epoch": progress["epoch"], "first_loss": progress["first_loss"],
              "final_loss": history[-1][1] if history else None, "val_loss": validate(),
-             "weights_identical_across_ranks": len({float(g.item()) for g in gathered}) == 1,
+             "weights_identical_across_ranks": len(set(checksums)) == 1,
              "mlflow_run_id": tracker.run_id or "", "restarts": progress.get("restarts", 0),
              "resumed_from_step": progress.get("resumed_from_step"), "done": True}
     if rank == 0:
         _finish_tracking(tracker, history, val_history, cfg, config["run_dir"])
-    report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
+    log_and_report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
 
 
 def _finish_tracking(tracker, history, val_history, cfg: PretrainConfig, run_dir: str) -> None:
@@ -214,12 +186,11 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     """Check, build and fit the pretraining run; returns paths and final metrics."""
     import ray
     import ray.data
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from geneformer_ray.accelerators import cluster_check, plan_accelerator, scaling_kwargs, torch_config
+    from geneformer_ray.accelerators import cluster_check, plan_accelerator
     from geneformer_ray.corpus import read_corpus, read_manifest
     from geneformer_ray.models import bert_config, check_corpus_vocab, model_vocab
+    from geneformer_ray.tracking import log_final_model
+    from geneformer_ray.train.common import fit
 
     cfg.validate()
     manifest = read_manifest(cfg.data.corpus)
@@ -238,13 +209,14 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     cluster_check(plan, cfg.train.num_workers, resources)
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints one line per log step instead
-    corpus = read_corpus(cfg.data.corpus, vocab=vocab, columns=["input_ids", "length", "cell_id"])
+    columns = ["input_ids", "length", "cell_id"]
+    train_ds = read_corpus(cfg.data.corpus, vocab=vocab, columns=columns, shuffle_seed=cfg.train.seed)  # new shard order each epoch
     threshold = int(cfg.data.val_fraction * 2**32)  # validation cells: by a hash of cell_id, stable across runs
-    train_ds = corpus.filter(lambda row: zlib.crc32(row["cell_id"].encode()) >= threshold) if threshold else corpus
-    datasets = {"train": train_ds.randomize_block_order(seed=cfg.train.seed)}
+    datasets = {"train": train_ds.filter(lambda row: zlib.crc32(row["cell_id"].encode()) >= threshold) if threshold else train_ds}
     num_val = int(round(manifest["num_cells"] * cfg.data.val_fraction))
     if threshold and num_val >= cfg.train.num_workers:
-        datasets["val"] = corpus.filter(lambda row: zlib.crc32(row["cell_id"].encode()) < threshold)
+        datasets["val"] = read_corpus(cfg.data.corpus, columns=columns).filter(
+            lambda row: zlib.crc32(row["cell_id"].encode()) < threshold)
     run_dir = Path(cfg.train.storage_path).absolute() / cfg.train.run_name
     run_dir.mkdir(parents=True, exist_ok=True)
     cells_per_step = (cfg.data.batch_size or max(1, cfg.data.max_tokens // _median_length(manifest))) \
@@ -254,28 +226,15 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     loop_config = {"pretrain": cfg.to_dict(), "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
                    "vocab_name": vocab.name, "tracking_uri": cfg.tracking_uri(), "run_dir": str(run_dir),
                    "has_val": "val" in datasets, "artifact_location": cfg.artifact_location()}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=ScalingConfig(**scaling_kwargs(plan, cfg.train.num_workers)),
-        torch_config=torch_config(plan),
-        datasets=datasets,
-        dataset_config=DataConfig(datasets_to_split=list(datasets)),
-        run_config=RunConfig(
-            name=cfg.train.run_name, storage_path=str(Path(cfg.train.storage_path).absolute()),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.num_checkpoints_to_keep),
-            worker_runtime_env={"env_vars": plan.env} if plan.env else None,
-        ),
-    )
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=list(datasets), plan=plan,
+                 num_workers=cfg.train.num_workers, run_name=cfg.train.run_name,
+                 storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,
+                 num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep)
     model_dir = Path(result.checkpoint.path) / "model"
     summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
                "loss_curve": str(run_dir / "loss_curve.png"), "tracking_uri": cfg.tracking_uri(),
                "mlflow_run_id": result.metrics.get("mlflow_run_id")}
-    _log_final_model(cfg, summary)
+    summary["registered_version"] = log_final_model(cfg, cfg.train.run_name, summary)
     return summary
 
 
@@ -285,19 +244,3 @@ def _median_length(manifest: dict) -> int:
         return 1024
     bin_index = int(np.searchsorted(np.cumsum(counts), counts.sum() / 2))
     return (bin_index + 1) * manifest["length_histogram"]["bin_width"]
-
-
-def _log_final_model(cfg: PretrainConfig, summary: dict) -> None:
-    """Driver side, after the final checkpoint is persisted: model artifact + registered model."""
-    run_id = summary["mlflow_run_id"]
-    if not run_id:
-        return
-    from geneformer_ray.tracking import MlflowTracker
-
-    tracker = MlflowTracker(cfg.tracking_uri(), experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
-                            params=None, run_id=run_id)
-    tracker.log_artifacts(summary["model"], "model")
-    tracker.set_tags({"checkpoint": summary["checkpoint"]})
-    if cfg.tracking.register_as:
-        summary["registered_version"] = tracker.register_model(cfg.tracking.register_as, "model")
-    tracker.finish()

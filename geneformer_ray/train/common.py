@@ -1,0 +1,121 @@
+"""Pieces every training loop shares: rank collectives, the optimizer, batches to device, reports.
+
+    ranks = Ranks.current()
+    optimizer = build_optimizer(model, cfg.optim)
+    if not ranks.all_have(batch): break        # ranks stop together when one runs out of data
+    loss_mean, tokens = ranks.mean([loss, tokens])
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Ranks:
+    """This worker's place in the group, and the few collectives the loops need (no-ops alone)."""
+
+    rank: int
+    world: int
+    distributed: bool
+
+    @classmethod
+    def current(cls) -> "Ranks":
+        import ray.train
+        import torch.distributed as dist
+
+        ctx = ray.train.get_context()
+        world = ctx.get_world_size()
+        return cls(rank=ctx.get_world_rank(), world=world, distributed=world > 1 and dist.is_initialized())
+
+    def all_have(self, item) -> bool:
+        """True while every rank still has an item: ranks may hold different numbers of batches."""
+        if not self.distributed:
+            return item is not None
+        import torch.distributed as dist
+
+        flag = torch.tensor([0.0 if item is None else 1.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item())
+
+    def mean(self, values: list[float]) -> list[float]:
+        tensor = torch.tensor(values, dtype=torch.float64)
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.all_reduce(tensor)
+            tensor /= self.world
+        return tensor.tolist()
+
+    def gather(self, obj) -> list:
+        """Every rank's object, on every rank (gloo/hccl/nccl all support object collectives)."""
+        if not self.distributed:
+            return [obj]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+
+def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
+    """AdamW over trainable parameters; no weight decay on biases and LayerNorm weights."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim > 1]
+    no_decay = [p for p in params if p.ndim <= 1]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}],
+                             lr=optim.lr, betas=optim.betas, eps=optim.eps)
+
+
+def to_device(batch: dict, device: torch.device, keys=("input_ids", "attention_mask", "labels")) -> dict:
+    return {k: torch.from_numpy(batch[k]).to(device, non_blocking=True) for k in keys if k in batch}
+
+
+def report(metrics: dict, *, rank: int, save=None) -> None:
+    """``ray.train.report`` on every rank; with ``save(folder)``, rank 0 writes a checkpoint into a
+    temporary folder that Ray persists (other ranks report without one)."""
+    import ray.train
+
+    if save is None:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        if rank == 0:
+            save(tmp)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
+
+
+def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: list[str], plan, num_workers: int,
+        run_name: str, storage_path: str, max_failures: int, num_checkpoints_to_keep: int):
+    """Build and fit the ``TorchTrainer`` of a run; returns the ``Result`` (raises the run's error)."""
+    from pathlib import Path
+
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from geneformer_ray.accelerators import scaling_kwargs, torch_config
+
+    ingest = DataConfig.default_ingest_options()
+    ingest.preserve_order = True  # Train replaces each dataset's own options: keep the seeded shard order
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(**scaling_kwargs(plan, num_workers)),
+        torch_config=torch_config(plan),
+        datasets=datasets,
+        dataset_config=DataConfig(datasets_to_split=datasets_to_split, execution_options=ingest),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(Path(storage_path).absolute()),
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_checkpoints_to_keep),
+            worker_runtime_env={"env_vars": plan.env} if plan.env else None,
+        ),
+    )
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return result

@@ -1,0 +1,365 @@
+"""Fine-tuning on Ray Train: cell classification, gene classification (k-fold by gene), multitask.
+
+    geneformer-ray finetune --task cell --config jobs/configs/finetune_cell_type.yaml
+
+``train_loop_per_worker`` runs on every rank: build the task model (checkpoint encoder, fresh head;
+frozen layers; LoRA), resume, train with length-grouped batches, evaluate on the validation split
+(reported to Ray Train and Tune), and at the end predict the test split and write the evaluation.
+``finetune`` (the driver) reads the labels, drops small classes, splits, checks everything before
+any worker starts, fits one ``TorchTrainer`` (one per fold for genes), and returns a summary.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from geneformer_ray.config import FinetuneConfig
+
+from geneformer_ray.collate import IGNORE_INDEX as IGNORE  # -100: a label left out of the loss
+
+
+# -- per worker ------------------------------------------------------------------------------------
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    import torch
+
+    from geneformer_ray.accelerators import AcceleratorPlan, autocast, worker_device
+    from geneformer_ray.attention import use_sparse_attention_dropout
+    from geneformer_ray.tasks import TaskLoss, add_lora, build_task_model, freeze_layers, write_test_evaluation
+    from geneformer_ray.tracking import start_tracking
+    from geneformer_ray.train.checkpoint import load_checkpoint
+    from geneformer_ray.train.common import Ranks, build_optimizer, report, to_device
+    from geneformer_ray.train.schedule import build_scheduler
+    from geneformer_ray.vocab import load_vocab
+
+    cfg = FinetuneConfig.from_dict(config["finetune"])
+    task = config["task"]
+    kind, heads = task["kind"], task["heads"]
+    plan = AcceleratorPlan(**config["accelerator_plan"])
+    ranks = Ranks.current()
+    device = worker_device(plan)
+    vocab = load_vocab(config["vocab_name"])
+
+    # setup: task model, frozen layers, adapters, optimizer, schedule, loss
+    model = build_task_model(kind, heads, init_from=cfg.model.init_from, flavour=cfg.model.flavour, vocab=vocab,
+                             seed=cfg.train.seed, hidden_dropout=cfg.model.hidden_dropout,
+                             attention_dropout=cfg.model.attention_dropout)
+    if cfg.model.sparse_attention_dropout:
+        use_sparse_attention_dropout(model)
+    freeze_layers(model, cfg.model.freeze_layers)
+    if cfg.model.lora_rank:
+        model = add_lora(model, kind, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
+                         target_modules=cfg.model.lora_target_modules)
+    model.to(device)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
+                                total_steps=config["total_steps"])
+    loss_fn = TaskLoss(kind, heads, task.get("class_weights"), task.get("loss_weights"), device)
+
+    progress = {"step": 0, "epoch": 0}
+    run_id = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as folder:
+            state = load_checkpoint(folder, model=model, optimizer=optimizer, scheduler=scheduler, vocab=vocab,
+                                    weights=torch.load(Path(folder) / TRAIN_WEIGHTS, map_location="cpu", weights_only=True))
+        progress, run_id = state["progress"], state["tracking_run_id"]
+        progress["restarts"] = progress.get("restarts", 0) + 1
+    ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None) \
+        if ranks.distributed else model
+    tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=config["run_name"],
+                             rank=ranks.rank, params=config["finetune"], run_id=run_id,
+                             artifact_location=config["artifact_location"], tags=config.get("tracking_tags"))
+    token_labels = {name: _token_lookup(lookup, vocab.num_tokens) for name, lookup in task.get("token_classes", {}).items()}
+
+    def batches(name: str, epoch: int, *, training: bool):
+        from geneformer_ray.collate import iter_padded_batches
+
+        shard = ray.train.get_dataset_shard(name)
+        for batch in iter_padded_batches(
+                shard, pad_id=vocab.pad_id, batch_size=cfg.data.batch_size, window_batches=cfg.data.window_batches,
+                shuffle_buffer=cfg.data.shuffle_buffer if training else 0, seed=cfg.train.seed * 1000 + epoch,
+                columns=["cell_id"] + ([] if kind == "gene" else ["labels"]),
+                keep=None if training else (lambda ids: _stripe(ids, ranks.rank, ranks.world))):
+            if kind == "gene":
+                batch["labels"] = token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
+            yield batch
+
+    def evaluate(name: str) -> dict:
+        """Every rank predicts its stripe of the split; all ranks get every prediction."""
+        model.eval()
+        ids, true, probs, tokens = [], [], [], []
+        with torch.no_grad():
+            for batch in batches(name, 0, training=False):
+                with autocast(plan, device):
+                    outputs = model(**to_device(batch, device, keys=("input_ids", "attention_mask")))
+                record = loss_fn.predictions(outputs, batch)
+                ids += record["ids"]
+                true.append(record["true"])
+                probs.append(record["probs"])
+                tokens.append(record.get("tokens", np.zeros(0, dtype=np.int64)))
+        model.train()
+        parts = ranks.gather({"ids": ids, "true": _cat(true), "probs": _cat(probs), "tokens": _cat(tokens)})
+        return {k: sum((p[k] for p in parts), []) if k == "ids" else _cat([p[k] for p in parts if len(p[k])])
+                for k in parts[0]}
+
+    def save(folder: str) -> None:
+        _save_finetune_checkpoint(folder, model, optimizer, scheduler, vocab, progress, config, tracker.run_id)
+
+    # loop
+    model.train()
+    window = {"loss": [], "start": time.perf_counter(), "cells": 0}
+    history, val_history = [], []
+    done = progress["epoch"] >= cfg.train.epochs
+    last_val: dict = {}
+    while not done:
+        stream = batches("train", progress["epoch"], training=True)
+        while True:
+            batch = next(stream, None)
+            if not ranks.all_have(batch):
+                break
+            with autocast(plan, device):
+                outputs = ddp(**to_device(batch, device, keys=("input_ids", "attention_mask")))
+                loss = loss_fn(outputs, torch.from_numpy(batch["labels"]).to(device))
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad],
+                                                       cfg.optim.grad_clip or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            progress["step"] += 1
+            window["loss"].append(loss.item())
+            window["cells"] += batch["input_ids"].shape[0]
+            step = progress["step"]
+            done = cfg.train.max_steps is not None and step >= cfg.train.max_steps
+            if step % cfg.train.log_every == 0:
+                loss_mean, cells = ranks.mean([float(np.mean(window["loss"])), window["cells"]])
+                elapsed = time.perf_counter() - window["start"]
+                history.append((step, loss_mean))
+                tracker.log_metrics({"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                                     "cells_per_s": cells * ranks.world / elapsed}, step=step)
+                window = {"loss": [], "start": time.perf_counter(), "cells": 0}
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done:
+                last_val = _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save, progress)
+            if done:
+                break
+        if not done:
+            progress["epoch"] += 1
+            done = progress["epoch"] >= cfg.train.epochs
+            if not cfg.train.eval_every or done:
+                last_val = _validate(evaluate, loss_fn, config, tracker, progress["step"], val_history, ranks, save, progress)
+
+    # final: test predictions and evaluation (rank 0 writes), the final checkpoint reported by all
+    test = evaluate("test")
+    metrics = loss_fn.metrics(test)
+    final = {"step": progress["step"], "epoch": progress["epoch"], "restarts": progress.get("restarts", 0),
+             "mlflow_run_id": tracker.run_id or "", "done": True,
+             **{f"val_{k}": v for k, v in last_val.items()}, **{f"test_{k}": v for k, v in _headline(metrics).items()}}
+    if ranks.rank == 0:
+        files = write_test_evaluation(test, metrics, loss_fn, config)
+        tracker.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, step=progress["step"])
+        for path in files:
+            tracker.log_artifact(path, "evaluation")
+        if history:
+            from geneformer_ray.evaluate import plot_curve
+
+            tracker.log_artifact(plot_curve(history, Path(config["run_dir"]) / "loss_curve.png", ylabel="training loss",
+                                            title=f"{config['run_name']}: fine-tuning",
+                                            extra={f"validation {loss_fn.headline}": val_history}))
+    report(final, rank=ranks.rank, save=save)
+
+
+def _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save, progress) -> dict:
+    from geneformer_ray.train.common import report
+
+    if not config["has_val"]:
+        return {}
+    metrics = _headline(loss_fn.metrics(evaluate("val")))
+    val_history.append((step, metrics[loss_fn.headline]))
+    tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
+    if ranks.rank == 0:
+        print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+    report({"step": step, "epoch": progress["epoch"], **{f"val_{k}": v for k, v in metrics.items()}},
+           rank=ranks.rank, save=save)
+    return metrics
+
+
+TRAIN_WEIGHTS = "train_weights.pt"
+
+
+def _save_finetune_checkpoint(folder, model, optimizer, scheduler, vocab, progress, config, run_id) -> None:
+    """The plain HF model (adapters merged into a copy) for use, and the training weights for resume."""
+    import torch
+
+    from geneformer_ray.tasks import merge_lora
+    from geneformer_ray.train.checkpoint import save_checkpoint
+
+    plain = merge_lora(copy.deepcopy(model)) if hasattr(model, "merge_and_unload") else model
+    save_checkpoint(folder, model=plain, optimizer=optimizer, scheduler=scheduler, vocab=vocab, progress=progress,
+                    config=config["finetune"], tracking_run_id=run_id)
+    torch.save(model.state_dict(), Path(folder) / TRAIN_WEIGHTS)
+    (Path(folder) / "task.json").write_text(json.dumps({k: v for k, v in config["task"].items() if k != "token_classes"}, indent=2))
+
+
+def _stripe(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """Evaluation rows of this rank: a stable hash of the cell id, so every cell is predicted once."""
+    return np.array([zlib.crc32(str(i).encode()) % world == rank for i in ids], dtype=bool)
+
+
+def _token_lookup(classes: dict, num_tokens: int) -> np.ndarray:
+    lookup = np.full(num_tokens, IGNORE, dtype=np.int64)
+    for token, label in classes.items():
+        lookup[int(token)] = label
+    return lookup
+
+
+def _cat(parts: list) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros(0)
+
+
+def _headline(metrics: dict) -> dict:
+    return {k: v for k, v in metrics.items() if isinstance(v, float)}
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Check, split and fit; returns paths, metrics and (genes) the per-fold cross-validation."""
+    import ray
+    import ray.data
+
+    from geneformer_ray.accelerators import cluster_check, plan_accelerator
+
+    from geneformer_ray.train.prepare import prepare_task
+
+    prepared = prepare_task(cfg)
+    if not ray.is_initialized():
+        ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints one line per evaluation
+    resources = ray.cluster_resources()
+    plan = plan_accelerator(cfg.accelerator, resources)
+    cluster_check(plan, cfg.train.num_workers, resources)
+    if cfg.task.kind != "gene":
+        summary = _fit(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name)
+        if prepared.get("baseline") is not None:
+            summary["baseline"] = prepared["baseline"]
+        return summary
+    return _cross_validate(cfg, plan, prepared)
+
+
+def _cross_validate(cfg: FinetuneConfig, plan, prepared: dict) -> dict:
+    from geneformer_ray.tracking import start_tracking
+
+    parent = start_tracking(cfg.tracking_uri(), experiment=cfg.tracking.experiment, run_name=cfg.train.run_name, rank=0,
+                            params=cfg.to_dict(), artifact_location=cfg.artifact_location())
+    folds = []
+    for k, split in enumerate(prepared["splits"]):
+        summary = _fit(cfg, plan, prepared, split, run_name=f"{cfg.train.run_name}-fold{k}",
+                       tags={"mlflow.parentRunId": parent.run_id, "fold": str(k)} if parent.run_id else None)
+        folds.append(summary)
+    aucs = np.array([f["metrics"].get("test_roc_auc", np.nan) for f in folds], dtype=float)  # over labelled tokens
+    gene_aucs = np.array([f["metrics"].get("test_gene_roc_auc", np.nan) for f in folds], dtype=float)  # over genes
+    result = {"folds": folds, "test_roc_auc_per_fold": aucs.tolist(), "test_roc_auc_mean": float(np.nanmean(aucs)),
+              "test_roc_auc_sd": float(np.nanstd(aucs, ddof=1)) if aucs.size > 1 else 0.0,
+              "test_gene_roc_auc_per_fold": gene_aucs.tolist(), "test_gene_roc_auc_mean": float(np.nanmean(gene_aucs)),
+              "tracking_uri": cfg.tracking_uri(), "mlflow_run_id": parent.run_id, "genes": prepared["gene_report"]}
+    parent.log_metrics({"test_roc_auc_mean": result["test_roc_auc_mean"], "test_roc_auc_sd": result["test_roc_auc_sd"]}, step=0)
+    parent.finish()
+    out = Path(cfg.train.storage_path).absolute() / cfg.train.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cross_validation.json").write_text(json.dumps({k: v for k, v in result.items() if k != "folds"}, indent=2) + "\n")
+    result["summary_file"] = str(out / "cross_validation.json")
+    return result
+
+
+def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: str, tags: dict | None = None) -> dict:
+    from geneformer_ray.train.common import fit
+
+    datasets = _datasets(cfg, prepared, split)
+    run_dir = Path(cfg.train.storage_path).absolute() / run_name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    steps_per_epoch = max(1, split["num_train"] // (cfg.data.batch_size * cfg.train.num_workers))
+    total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    task = {"kind": cfg.task.kind, "heads": prepared["heads"], "class_weights": split.get("class_weights"),
+            "loss_weights": dict(cfg.task.loss_weights), "token_classes": split.get("token_classes", {})}
+    loop_config = {"finetune": cfg.to_dict(), "task": task, "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
+                   "vocab_name": prepared["vocab_name"], "tracking_uri": cfg.tracking_uri(), "run_name": run_name,
+                   "run_dir": str(run_dir), "has_val": "val" in datasets, "artifact_location": cfg.artifact_location(),
+                   "tracking_tags": tags}
+    result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=["train"], plan=plan,
+                 num_workers=cfg.train.num_workers, run_name=run_name,
+                 storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,
+                 num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep)
+    summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
+               "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
+               "loss_curve": str(run_dir / "loss_curve.png"), "tracking_uri": cfg.tracking_uri(),
+               "mlflow_run_id": result.metrics.get("mlflow_run_id"), "dropped_classes": prepared["dropped"],
+               "split_sizes": {k: int(v) for k, v in split["sizes"].items()}}
+    from geneformer_ray.tracking import log_final_model
+
+    summary["registered_version"] = log_final_model(cfg, run_name, summary)
+    return summary
+
+
+def _datasets(cfg: FinetuneConfig, prepared: dict, split: dict) -> dict:
+    """Ray Datasets per split: the corpus rows of the split's cells with their label column."""
+    from geneformer_ray.corpus import read_corpus
+
+    datasets = {}
+    for name, labels in split["cells"].items():
+        if not labels:
+            continue
+        ds = read_corpus(cfg.data.corpus, columns=["input_ids", "length", "cell_id"],
+                         shuffle_seed=cfg.train.seed if name == "train" else None)
+        datasets[name] = ds.map_batches(_AttachLabels(labels), batch_format="numpy")
+    return datasets
+
+
+class _AttachLabels:
+    """Keep the split's cells and add their labels (int, or a row of ints for multitask)."""
+
+    def __init__(self, labels: dict):
+        self.labels = labels
+        self.shape = np.shape(next(iter(labels.values())))  # () or (tasks,)
+
+    def __call__(self, batch: dict) -> dict:
+        keep = np.array([c in self.labels for c in batch["cell_id"]], dtype=bool)
+        out = {k: v[keep] for k, v in batch.items()}
+        out["labels"] = np.array([self.labels[c] for c in out["cell_id"]], dtype=np.int64).reshape(-1, *self.shape)
+        return out
+
+
+def format_finetune_summary(summary: dict) -> str:
+    """What a person reads at the end of `geneformer-ray finetune`."""
+    lines = []
+    if "folds" in summary:
+        aucs = ", ".join(f"{a:.3f}" for a in summary["test_roc_auc_per_fold"])
+        lines.append(f"gene classification, {len(summary['folds'])} fold(s): test ROC AUC {summary['test_roc_auc_mean']:.3f} "
+                     f"+- {summary['test_roc_auc_sd']:.3f} (per fold: {aucs})")
+        lines.append(f"gene-level ROC AUC (each gene's probability averaged over its cells): "
+                     f"{summary['test_gene_roc_auc_mean']:.3f} (per fold: {', '.join(f'{a:.3f}' for a in summary['test_gene_roc_auc_per_fold'])})")
+        lines.append(f"genes: {summary['genes']}")
+        for k, fold in enumerate(summary["folds"]):
+            lines.append(f"fold {k}: model {fold['model']}; evaluation {fold['evaluation']}")
+        lines.append(f"cross-validation summary: {summary['summary_file']}")
+    else:
+        m = summary["metrics"]
+        lines.append(f"test macro-F1 {m.get('test_macro_f1', float('nan')):.4f}, accuracy {m.get('test_accuracy', float('nan')):.4f}"
+                     + (f", ROC AUC {m['test_roc_auc']:.4f}" if "test_roc_auc" in m else "")
+                     + f" after {m.get('step')} steps; split sizes {summary['split_sizes']}")
+        for head, base in (summary.get("baseline") or {}).items():
+            if isinstance(base, dict):
+                lines.append(f"baseline ({head}): logistic regression on log-normalised counts, test macro-F1 "
+                             f"{base['macro_f1']:.4f}, accuracy {base['accuracy']:.4f}")
+        if summary.get("dropped_classes"):
+            lines.append(f"dropped small classes: {summary['dropped_classes']}")
+        lines.append(f"model (Hugging Face folder): {summary['model']}")
+        lines.append(f"evaluation (predictions, confusion matrix, ROC): {summary['evaluation']}")
+    lines.append(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
+                 + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
+    return "\n".join(lines)
