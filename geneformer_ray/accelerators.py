@@ -175,3 +175,27 @@ def autocast(plan: AcceleratorPlan | dict, device):
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
+
+
+# -- inference actors (Ray Data map_batches) ---------------------------------------------------------
+def actor_resources(plan: AcceleratorPlan, *, cpus: float = 1) -> dict:
+    """``map_batches`` resources of one model actor: one NPU or GPU each, or CPUs only."""
+    resources = {"num_cpus": cpus}
+    if plan.kind == "cuda":
+        resources["num_gpus"] = 1
+    elif plan.kind == "npu":
+        resources["resources"] = {plan.resource: 1}
+    return resources
+
+
+def actor_device(plan: AcceleratorPlan | dict):
+    """The torch device inside a model actor: Ray pins one device per actor (index 0 of what it sees)."""
+    import torch
+
+    plan = plan if isinstance(plan, AcceleratorPlan) else AcceleratorPlan(**plan)
+    if plan.kind == "cpu":
+        return torch.device("cpu")
+    if plan.kind == "npu":
+        import_torch_npu()
+    _current_device(plan.kind, 0)
+    return torch.device(plan.kind, 0)

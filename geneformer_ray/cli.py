@@ -76,6 +76,17 @@ def _finetune(args) -> int:
     return 0
 
 
+def _predict(args) -> int:
+    from geneformer_ray.accelerators import AcceleratorConfig
+    from geneformer_ray.predict import predict
+
+    summary = predict(args.model, args.corpus, args.out, batch_size=args.batch_size, num_actors=args.actors,
+                      accelerator=AcceleratorConfig(type=args.accelerator), overwrite=args.overwrite)
+    print(f"{summary['rows']:,} {'genes' if summary['kind'] == 'gene' else 'cells'} predicted by {summary['actors']} "
+          f"{summary['device']} actor(s) in {summary['seconds']} s: {summary['out']}")
+    return 0
+
+
 def _print_training_summary(summary: dict) -> None:
     m = summary["metrics"]
     print(f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> {m.get('final_loss') or float('nan'):.4f}"
@@ -189,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune_*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("predict", help="batch inference of a fine-tuned model over a corpus (Ray Data actor pool)")
+    p.add_argument("--model", required=True, help="a fine-tuned model folder (…/checkpoint_…/model)")
+    p.add_argument("--corpus", required=True, help="corpus folder (same vocabulary as the model)")
+    p.add_argument("--out", required=True, help="output folder: predictions/*.parquet (or gene_predictions.parquet) + summary.json")
+    p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass")
+    p.add_argument("--actors", type=int, default=None, help="model actors (default: one per NPU/GPU, or CPUs - 1)")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "npu", "cuda", "cpu"])
+    p.add_argument("--overwrite", action="store_true")
+    p.set_defaults(func=_predict)
 
     p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU workers")
     p.add_argument("--out", default="runs/quickstart")

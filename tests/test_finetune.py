@@ -55,6 +55,17 @@ def test_cell_classification_end_to_end_tracked_on_a_server(ray_session, corpus,
     assert client.search_model_versions("name='gf-tiny-lineage'")[0].run_id == run.info.run_id
     assert "baseline (lineage)" in format_finetune_summary(summary)
 
+    from geneformer_ray.cli import main
+
+    assert main(["predict", "--model", summary["model"], "--corpus", str(corpus), "--out", str(tmp_path / "preds"),
+                 "--actors", "2", "--accelerator", "cpu"]) == 0  # Ray Data over a pool of 2 model actors
+    predicted = pq.read_table(tmp_path / "preds" / "predictions").to_pandas().set_index("cell_id")
+    corpus_ids = pq.read_table(corpus / "part-00000.parquet", columns=["cell_id"]).column("cell_id").to_pylist()
+    assert len(predicted) == 2638 and predicted.index.is_unique and set(corpus_ids) <= set(predicted.index)
+    same = predicted.loc[predictions["cell_id"]]
+    assert (same["predicted"].to_numpy() == predictions["predicted"].to_numpy()).all()  # the evaluation's own predictions
+    assert np.allclose(same["prob_B"], predictions["prob_B"], atol=1e-4)
+
 
 def test_gene_classification_cross_validates_by_gene(ray_session, corpus, tmp_path):
     summary = finetune(_cfg(corpus, tmp_path, "task.kind=gene", f"task.gene_classes={TEST_DATA / 'gene_lists' / 'dosage_sens_tf_labels.csv'}",
@@ -73,6 +84,14 @@ def test_gene_classification_cross_validates_by_gene(ray_session, corpus, tmp_pa
         [mlflow.MlflowClient(summary["tracking_uri"]).get_run(summary["mlflow_run_id"]).info.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
     assert len(runs) == 2  # one child run per fold under the study's run
+
+    from geneformer_ray.predict import predict
+
+    out = predict(summary["folds"][0]["model"], corpus, tmp_path / "gene_preds", num_actors=1)
+    genes = pq.read_table(Path(out["out"]) / "gene_predictions.parquet").to_pandas()
+    assert out["kind"] == "gene" and len(genes) == out["rows"] > 10_000 and genes["gene"].is_unique
+    assert genes["gene"].str.startswith("ENSG").all() and (genes["cells"] >= 1).all()
+    assert np.allclose(genes[["prob_dosage_insensitive", "prob_dosage_sensitive"]].sum(axis=1), 1, atol=1e-4)
 
 
 def test_multitask_from_a_pretrained_encoder_with_frozen_layers(ray_session, corpus, tmp_path):

@@ -1,0 +1,167 @@
+"""Batch inference of a fine-tuned model with Ray Data on a pool of model actors.
+
+    geneformer-ray predict --model runs/finetune/finetune_cell_type/checkpoint_.../model --corpus corpus/ --out preds/
+
+One actor per NPU / GPU (or CPU actors) loads the model once; Ray Data streams the corpus through
+them, each batch sorted by length and padded per sub-batch. Cell and multitask classifiers write one
+row per cell (cell id, predicted class, one probability per class; multitask: per task); gene
+classifiers write one row per gene (cells it occurs in, mean probability per class, predicted
+class). The output folder appears complete or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from geneformer_ray.accelerators import AcceleratorConfig
+
+KINDS = {"BertForSequenceClassification": "cell", "BertForTokenClassification": "gene",
+         "BertForMultitaskCellClassification": "multitask"}
+
+
+def model_kind(model_dir: str | Path) -> tuple[str, dict[str, list[str]]]:
+    """The task kind of a saved fine-tuned model and its class names per head."""
+    from transformers import AutoConfig
+
+    if not (Path(model_dir) / "config.json").exists():
+        raise ValueError(f"--model {model_dir} is not a model folder (no config.json); pass a fine-tuned model's folder")
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    architecture = (config.architectures or ["?"])[0]
+    if architecture not in KINDS:
+        raise ValueError(f"--model {model_dir} is a {architecture}, not a fine-tuned classifier "
+                         f"({', '.join(KINDS)}); fine-tune it first (geneformer-ray finetune)")
+    kind = KINDS[architecture]
+    if kind == "multitask":
+        return kind, dict(config.task_classes)
+    return kind, {"label": [config.id2label[i] for i in range(config.num_labels)]}
+
+
+class Classifier:
+    """A model actor for ``Dataset.map_batches``: loads the model once, predicts numpy batches."""
+
+    def __init__(self, model_dir: str, plan: dict, pad_id: int, batch_size: int):
+        from geneformer_ray.accelerators import actor_device
+        from geneformer_ray.tasks import model_class
+
+        self.kind, self.heads = model_kind(model_dir)
+        self.plan, self.pad_id, self.batch_size = plan, pad_id, batch_size
+        self.device = actor_device(plan)
+        self.model = model_class(self.kind).from_pretrained(model_dir, local_files_only=True).to(self.device).eval()
+        from geneformer_ray.models import model_vocab
+
+        self.special_ids = np.array(sorted(model_vocab(self.model.config).special_token_ids.values()))
+
+    def __call__(self, batch: dict) -> dict:
+        from geneformer_ray.accelerators import autocast
+        from geneformer_ray.collate import pad_cells
+
+        import torch
+
+        order = np.argsort(-np.asarray(batch["length"]), kind="stable")  # similar lengths pad little
+        parts: list[dict] = []
+        for start in range(0, order.size, self.batch_size):
+            rows = order[start : start + self.batch_size]
+            input_ids, attention_mask = pad_cells([batch["input_ids"][i] for i in rows], pad_id=self.pad_id)
+            with torch.inference_mode(), autocast(self.plan, self.device):  # per call: actors run batches in threads
+                outputs = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
+                                     attention_mask=torch.from_numpy(attention_mask).to(self.device))
+                parts.append(self._rows(outputs, batch["cell_id"][rows], input_ids))
+        return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+    def _rows(self, outputs, cell_ids, input_ids) -> dict:
+        import torch
+
+        if self.kind == "multitask":
+            out = {"cell_id": np.asarray(cell_ids, dtype=object)}
+            for head, names in self.heads.items():
+                probs = torch.softmax(outputs[head].float(), -1).cpu().numpy()
+                out[f"predicted_{head}"] = np.asarray(names, dtype=object)[probs.argmax(1)]
+                out.update({f"prob_{head}_{n}": probs[:, i].astype(np.float32) for i, n in enumerate(names)})
+            return out
+        (names,) = self.heads.values()
+        probs = torch.softmax(outputs.logits.float(), -1).cpu().numpy()
+        if self.kind == "cell":
+            return {"cell_id": np.asarray(cell_ids, dtype=object), "predicted": np.asarray(names, dtype=object)[probs.argmax(1)],
+                    **{f"prob_{n}": probs[:, i].astype(np.float32) for i, n in enumerate(names)}}
+        keep = ~np.isin(input_ids, self.special_ids)  # gene: per-token probabilities summed per gene in this sub-batch
+        tokens, inverse = np.unique(input_ids[keep], return_inverse=True)
+        sums = np.zeros((tokens.size, probs.shape[-1]))
+        np.add.at(sums, inverse, probs[keep])
+        return {"gene_token": tokens.astype(np.int64), "cells": np.bincount(inverse, minlength=tokens.size).astype(np.int64),
+                **{f"sum_prob_{n}": sums[:, i] for i, n in enumerate(names)}}
+
+
+def predict(model_dir: str | Path, corpus: str | Path, out: str | Path, *, batch_size: int = 32, num_actors: int | None = None,
+            accelerator: AcceleratorConfig | None = None, overwrite: bool = False) -> dict:
+    """Predict every cell of ``corpus`` with the fine-tuned model in ``model_dir``; returns a summary."""
+    import ray
+    import ray.data
+    from transformers import AutoConfig
+
+    from geneformer_ray.accelerators import actor_resources, plan_accelerator
+    from geneformer_ray.corpus import discard_output, finalize_output, prepare_output, read_corpus, read_manifest
+    from geneformer_ray.models import check_corpus_vocab, model_vocab
+
+    started = time.perf_counter()
+    kind, heads = model_kind(model_dir)
+    manifest = read_manifest(corpus)
+    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    check_corpus_vocab(config, manifest, corpus=corpus)
+    vocab = model_vocab(config)
+    if not ray.is_initialized():
+        ray.init()
+    plan = plan_accelerator(accelerator or AcceleratorConfig(), ray.cluster_resources())
+    devices = {"cpu": max(1, int(ray.cluster_resources().get("CPU", 2)) - 1), "cuda": ray.cluster_resources().get("GPU", 0),
+               "npu": ray.cluster_resources().get(plan.resource or "", 0)}[plan.kind]
+    num_actors = num_actors or max(1, int(devices))
+    tmp = prepare_output(out, overwrite=overwrite)
+    try:
+        ds = read_corpus(corpus, columns=["input_ids", "length", "cell_id"]).map_batches(
+            Classifier, fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "plan": plan.to_dict(),
+                                               "pad_id": vocab.pad_id, "batch_size": batch_size},
+            batch_size=max(256, batch_size), batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+            **actor_resources(plan))
+        if kind == "gene":
+            sums = ["cells"] + [f"sum_prob_{n}" for n in heads["label"]]
+            per_gene = ds.groupby("gene_token").sum(sums).to_pandas()  # partial sums of every batch, added up
+            table = _per_gene(per_gene.rename(columns={f"sum({c})": c for c in sums}), heads["label"], vocab)
+            table.to_parquet(tmp / "gene_predictions.parquet", index=False)
+            rows = len(table)
+        else:
+            ds.write_parquet(str(tmp / "predictions"))
+            rows = sum(len(p) for p in _read_parts(tmp / "predictions"))
+            if rows != manifest["num_cells"]:
+                raise RuntimeError(f"predicted {rows:,} cells but the corpus has {manifest['num_cells']:,}")
+        summary = {"model": str(Path(model_dir).absolute()), "corpus": str(Path(corpus).absolute()), "kind": kind,
+                   "heads": heads, "rows": rows, "actors": num_actors, "device": plan.kind,
+                   "seconds": round(time.perf_counter() - started, 1)}
+        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    except BaseException:
+        discard_output(tmp)
+        raise
+    summary["out"] = str(finalize_output(tmp, out))
+    return summary
+
+
+def _read_parts(folder: Path):
+    import pyarrow.parquet as pq
+
+    return [pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]
+
+
+def _per_gene(grouped, names: list[str], vocab):
+    """Mean probability per gene from the summed probabilities and cell counts."""
+    import pandas as pd
+
+    genes = {t: g for g, t in vocab.token_ids.items()}
+    table = pd.DataFrame({"gene": [genes.get(int(t), str(t)) for t in grouped["gene_token"]],
+                          "gene_token": grouped["gene_token"].astype(np.int64), "cells": grouped["cells"].astype(np.int64)})
+    probs = np.stack([grouped[f"sum_prob_{n}"] / grouped["cells"] for n in names], 1)
+    for i, n in enumerate(names):
+        table[f"prob_{n}"] = probs[:, i].astype(np.float32)
+    table["predicted"] = np.asarray(names, dtype=object)[probs.argmax(1)]
+    return table.sort_values("cells", ascending=False, ignore_index=True)
