@@ -86,3 +86,25 @@ def test_cpu_worker_device_and_autocast():
     bf16 = plan_accelerator(AcceleratorConfig(precision="bf16"), CPU_BOX)
     with acc.autocast(bf16, torch.device("cpu")):
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
+
+
+def test_inference_actor_resources_and_device(monkeypatch):
+    import torch
+
+    assert acc.actor_resources(plan_accelerator(AcceleratorConfig(), GPU_NODE)) == {"num_cpus": 1, "num_gpus": 1}
+    npu = plan_accelerator(AcceleratorConfig(npu_resource="FAKE_NPU"), FAKE_ATLAS, check_npu_import=False)
+    assert acc.actor_resources(npu, cpus=2) == {"num_cpus": 2, "resources": {"FAKE_NPU": 1}}
+    cpu = plan_accelerator(AcceleratorConfig(), CPU_BOX)
+    assert acc.actor_resources(cpu) == {"num_cpus": 1} and acc.actor_device(cpu) == torch.device("cpu")
+    calls = []
+    monkeypatch.setattr(acc, "_current_device", lambda kind, index: calls.append((kind, index)))
+    assert acc.actor_device(plan_accelerator(AcceleratorConfig(), GPU_NODE)) == torch.device("cuda", 0)
+    assert calls == [("cuda", 0)]  # Ray pins one device per actor: it sees index 0
+
+    def no_cann():
+        raise RuntimeError("this worker cannot import torch_npu")
+
+    monkeypatch.setattr(acc, "import_torch_npu", no_cann)
+    with pytest.raises(RuntimeError, match="cannot import torch_npu"):  # the seam is crossed before any NPU call
+        acc.actor_device(npu)
+    assert calls == [("cuda", 0)]
