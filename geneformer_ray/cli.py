@@ -19,6 +19,25 @@ DEMO_DATA = Path(__file__).parent / "data" / "demo"
 QUICKSTART_CONFIG = Path(__file__).parent / "data" / "configs" / "pretrain_tiny.yaml"
 
 
+def connect_ray() -> None:
+    """Join the Ray cluster this runs in (``ray job submit`` sets RAY_ADDRESS; a node started with
+    ``ray start`` is found); with none, start a local one with at least 4 logical CPUs, because 2
+    training workers plus Ray Data need 3+ even on a 2-core machine."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+
+
 def _tokenize(args) -> int:
     from geneformer_ray.tokenize import TokenizeOptions
     from geneformer_ray.tokenize_job import format_summary, tokenize
@@ -62,7 +81,9 @@ def _pretrain(args) -> int:
     from geneformer_ray.config import PretrainConfig, load_config
     from geneformer_ray.train.pretrain import pretrain
 
-    summary = pretrain(load_config(PretrainConfig, args.config, args.set))
+    cfg = load_config(PretrainConfig, args.config, args.set)  # config errors before Ray starts
+    connect_ray()
+    summary = pretrain(cfg)
     _print_training_summary(summary)
     return 0
 
@@ -72,7 +93,9 @@ def _finetune(args) -> int:
     from geneformer_ray.train.finetune import finetune, format_finetune_summary
 
     overrides = ([f"task.kind={args.task}"] if args.task else []) + args.set
-    print(format_finetune_summary(finetune(load_config(FinetuneConfig, args.config, overrides))))
+    cfg = load_config(FinetuneConfig, args.config, overrides)  # config errors before Ray starts
+    connect_ray()
+    print(format_finetune_summary(finetune(cfg)))
     return 0
 
 
@@ -80,6 +103,7 @@ def _predict(args) -> int:
     from geneformer_ray.accelerators import AcceleratorConfig
     from geneformer_ray.predict import predict
 
+    connect_ray()
     summary = predict(args.model, args.corpus, args.out, batch_size=args.batch_size, num_actors=args.actors,
                       accelerator=AcceleratorConfig(type=args.accelerator), overwrite=args.overwrite)
     print(f"{summary['rows']:,} {'genes' if summary['kind'] == 'gene' else 'cells'} predicted by {summary['actors']} "
@@ -104,13 +128,7 @@ def _quickstart(args) -> int:
     from geneformer_ray.tokenize_job import format_summary, tokenize
     from geneformer_ray.train.pretrain import pretrain
 
-    import os
-
-    import ray
-
-    if not ray.is_initialized() and not os.environ.get("RAY_ADDRESS"):
-        # a local demo: 2 training workers + Ray Data need 3+ logical CPUs even on a 2-core machine
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+    connect_ray()
     out = Path(args.out).absolute()
     corpus = out / "corpus"
     if not (corpus / "manifest.json").exists() or args.overwrite:

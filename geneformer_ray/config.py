@@ -309,7 +309,27 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
             if not isinstance(target, dict):
                 raise ValueError(f"--set {item!r}: {part!r} is not a section")
         target[leaf] = yaml.safe_load(raw)
-    return _build(cls, values, "").validate()
+    return _absolute_paths(_build(cls, values, "")).validate()
+
+
+PATH_FIELDS = ("data.corpus", "model.init_from", "task.gene_classes", "train.storage_path", "split.ids")
+
+
+def _absolute_paths(cfg):
+    """Paths are relative to where the command runs; workers run elsewhere, so make them absolute."""
+    for dotted in PATH_FIELDS:
+        section_name, name = dotted.split(".")
+        section = getattr(cfg, section_name, None)
+        value = getattr(section, name, None) if section is not None else None
+        if isinstance(value, dict):
+            setattr(section, name, {k: _absolute(v) for k, v in value.items()})
+        elif value:
+            setattr(section, name, _absolute(value))
+    return cfg
+
+
+def _absolute(path: str) -> str:
+    return path if "://" in path else str(Path(path).expanduser().absolute())
 
 
 def _build(cls, values: dict, prefix: str):

@@ -33,6 +33,7 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
     cfg = load_config(PretrainConfig, TINY, ["optim.betas=[0.9, 0.98]", "train.max_steps=7"])
     assert cfg.optim.betas == (0.9, 0.98) and cfg.train.max_steps == 7
     assert PretrainConfig.from_dict(cfg.to_dict()) == cfg  # the Ray boundary round trip
+    assert cfg.data.corpus.startswith("/") and cfg.train.storage_path.startswith("/")  # workers run in another cwd
 
 
 def test_learning_rate_schedules():
