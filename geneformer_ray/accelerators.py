@@ -138,6 +138,17 @@ def import_torch_npu():
         ) from None
 
 
+def pad_multiple(plan: AcceleratorPlan | dict, configured: int | None = None) -> int:
+    """Batch widths are rounded up to this. On CUDA and NPU every new (batch, width) shape costs a
+    kernel plan or a graph compilation (cuDNN attention builds one per sequence length; Ascend
+    compiles operators per shape), and length-grouped batches bring a new width nearly every step:
+    multiples of 64 bound them to model_input_size / 64 shapes. On CPU no padding is wasted (1)."""
+    if configured:
+        return configured
+    kind = plan.kind if isinstance(plan, AcceleratorPlan) else plan["kind"]
+    return 1 if kind == "cpu" else 64
+
+
 def worker_device_index(plan: AcceleratorPlan, local_rank: int) -> int:
     """Ray pins one device per worker when it knows the resource (index 0 of what it sees); with a
     custom resource name each worker sees the whole node and takes its local rank."""

@@ -118,8 +118,10 @@ def _print_training_summary(summary: dict) -> None:
     print(f"model (Hugging Face folder): {summary['model']}")
     print(f"checkpoint: {summary['checkpoint']}")
     print(f"loss curve: {summary['loss_curve']}")
-    print(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
-          + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
+    print(f"metrics: {summary['metrics_file']}")
+    if summary["tracking_uri"]:
+        print(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
+              + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
 
 
 def _quickstart(args) -> int:

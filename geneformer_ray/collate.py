@@ -57,9 +57,14 @@ def _token_budget_cut(idx: np.ndarray, lengths: np.ndarray, max_tokens: int) -> 
     return out
 
 
-def pad_cells(cells: list[np.ndarray], *, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """(batch, longest) int64 token ids padded with ``pad_id``, and the attention mask."""
+def pad_cells(cells: list[np.ndarray], *, pad_id: int = 0, multiple: int = 1,
+              max_width: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(batch, width) int64 token ids padded with ``pad_id``, and the attention mask; width is the
+    longest cell rounded up to ``multiple`` (at most ``max_width``)."""
     longest = max(len(c) for c in cells)
+    longest = -(-longest // multiple) * multiple
+    if max_width is not None:
+        longest = max(min(longest, max_width), max(len(c) for c in cells))
     input_ids = np.full((len(cells), longest), pad_id, dtype=np.int64)
     attention_mask = np.zeros((len(cells), longest), dtype=np.int64)
     for row, cell in enumerate(cells):
@@ -117,24 +122,28 @@ def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
 
 
 def iter_mlm_batches(shard, *, masker: GeneMasker, pad_id: int, batch_size: int | None, max_tokens: int | None,
-                     window_batches: int, shuffle_buffer: int, seed: int):
+                     window_batches: int, shuffle_buffer: int, seed: int, pad_to_multiple: int = 1,
+                     max_width: int | None = None):
     """Masked, padded, length-grouped batches (numpy) from a Ray Data shard of a corpus (see
     ``iter_padded_batches``); labels are -100 except at the masked positions."""
     for batch in iter_padded_batches(shard, pad_id=pad_id, batch_size=batch_size, max_tokens=max_tokens,
-                                     window_batches=window_batches, shuffle_buffer=shuffle_buffer, seed=seed):
+                                     window_batches=window_batches, shuffle_buffer=shuffle_buffer, seed=seed,
+                                     pad_to_multiple=pad_to_multiple, max_width=max_width):
         masked, labels = masker(batch["input_ids"])
         yield {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
 
 
 def iter_padded_batches(shard, *, pad_id: int, batch_size: int | None = None, max_tokens: int | None = None,
                         window_batches: int = 64, shuffle_buffer: int = 0, seed: int = 0, columns: list[str] = (),
-                        keep=None):
+                        keep=None, pad_to_multiple: int = 1, max_width: int | None = None):
     """Padded, length-grouped batches (numpy) from a Ray Data shard or dataset of a corpus.
 
     Yields {"input_ids": (batch, longest), "attention_mask": (batch, longest), column: (batch, ...)}.
     The shard is read ``window_batches`` batches at a time (rows shuffled through a local buffer of
     ``shuffle_buffer`` rows when > 0, seeded), each window cut into length-grouped batches in
     shuffled order. ``keep(cell_ids) -> bool mask`` selects rows first (e.g. one rank's stripe).
+    ``pad_to_multiple`` rounds each batch's width up (a bounded set of shapes on GPU/NPU, see
+    ``accelerators.pad_multiple``), never past ``max_width`` (the model's positions).
     """
     rng = np.random.default_rng(seed)
     window_rows = window_batches * (batch_size or max(1, max_tokens // 1024))
@@ -149,5 +158,6 @@ def iter_padded_batches(shard, *, pad_id: int, batch_size: int | None = None, ma
             continue
         for batch in length_grouped_batches(lengths, rng, batch_size=batch_size, max_tokens=max_tokens,
                                             window_batches=lengths.size):
-            input_ids, attention_mask = pad_cells([cells[i] for i in batch], pad_id=pad_id)
+            input_ids, attention_mask = pad_cells([cells[i] for i in batch], pad_id=pad_id, multiple=pad_to_multiple,
+                                                  max_width=max_width)
             yield {"input_ids": input_ids, "attention_mask": attention_mask, **{c: window[c][batch] for c in columns}}

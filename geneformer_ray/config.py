@@ -29,6 +29,7 @@ class DataConfig:
     shuffle_buffer: int = 4096  # rows in the local shuffle buffer of each worker
     val_fraction: float = 0.02  # held out by a hash of cell_id (the same cells in every run)
     mlm_probability: float = 0.15
+    pad_to_multiple: int | None = None  # batch width rounded up to this; default 64 on CUDA/NPU, 1 on CPU
 
     def validate(self):
         if not self.corpus:
@@ -39,6 +40,12 @@ class DataConfig:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
+        _check_pad_multiple(self.pad_to_multiple)
+
+
+def _check_pad_multiple(value: int | None) -> None:
+    if value is not None and not 1 <= value <= 1024:
+        raise ValueError(f"data.pad_to_multiple={value} must be between 1 and 1024 (or null for the accelerator's default)")
 
 
 @dataclass
@@ -99,7 +106,8 @@ class TrainConfig:
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # MLflow tracking URI; default sqlite:///<storage_path>/mlflow.db; http://head:5000 for a server
+    uri: str | None = None  # MLflow tracking URI; default sqlite:///<storage_path>/mlflow.db; http://head:5000 for a server;
+    #                         "none": no MLflow (metrics still go to <run folder>/metrics.jsonl)
     experiment: str = "geneformer-pretrain"
     register_as: str | None = None  # registered model name for the final model
     artifact_location: str | None = None  # new experiments' artifact root; default <storage_path>/mlartifacts for sqlite
@@ -122,13 +130,15 @@ class _Sections:
     def from_dict(cls, values: dict):
         return _build(cls, values, "")
 
-    def tracking_uri(self) -> str:
+    def tracking_uri(self) -> str | None:
+        if self.tracking.uri and self.tracking.uri.lower() == "none":
+            return None  # MLflow off
         return self.tracking.uri or f"sqlite:///{Path(self.train.storage_path).absolute() / 'mlflow.db'}"
 
     def artifact_location(self) -> str | None:
         """Explicit, or beside the sqlite store: MLflow's default is relative to each worker's cwd."""
         if self.tracking.artifact_location or self.tracking.uri:
-            return self.tracking.artifact_location
+            return self.tracking.artifact_location  # also None when MLflow is off
         return (Path(self.train.storage_path).absolute() / "mlartifacts").as_uri()
 
 
@@ -153,12 +163,14 @@ class FinetuneDataConfig:
     window_batches: int = 16  # length grouping window
     shuffle_buffer: int = 2048
     max_cells: int | None = None  # subsample the corpus (seeded) before splitting
+    pad_to_multiple: int | None = None  # batch width rounded up to this; default 64 on CUDA/NPU, 1 on CPU
 
     def validate(self):
         if not self.corpus:
             raise ValueError("data.corpus is empty; set it to a corpus folder (geneformer-ray tokenize ... --out DIR)")
         if self.batch_size < 1 or self.window_batches < 1:
             raise ValueError("data.batch_size and data.window_batches must be at least 1")
+        _check_pad_multiple(self.pad_to_multiple)
 
 
 @dataclass

@@ -44,12 +44,13 @@ class Classifier:
     """A model actor for ``Dataset.map_batches``: loads the model once, predicts numpy batches."""
 
     def __init__(self, model_dir: str, plan: dict, pad_id: int, batch_size: int):
-        from geneformer_ray.accelerators import actor_device
+        from geneformer_ray.accelerators import actor_device, pad_multiple
         from geneformer_ray.tasks import model_class
 
         self.kind, self.heads = model_kind(model_dir)
         self.plan, self.pad_id, self.batch_size = plan, pad_id, batch_size
         self.device = actor_device(plan)
+        self.pad_multiple = pad_multiple(plan)
         self.model = model_class(self.kind).from_pretrained(model_dir, local_files_only=True).to(self.device).eval()
         from geneformer_ray.models import model_vocab
 
@@ -65,7 +66,8 @@ class Classifier:
         parts: list[dict] = []
         for start in range(0, order.size, self.batch_size):
             rows = order[start : start + self.batch_size]
-            input_ids, attention_mask = pad_cells([batch["input_ids"][i] for i in rows], pad_id=self.pad_id)
+            input_ids, attention_mask = pad_cells([batch["input_ids"][i] for i in rows], pad_id=self.pad_id,
+                                                  multiple=self.pad_multiple, max_width=self.model.config.max_position_embeddings)
             with torch.inference_mode(), autocast(self.plan, self.device):  # per call: actors run batches in threads
                 outputs = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
                                      attention_mask=torch.from_numpy(attention_mask).to(self.device))

@@ -5,11 +5,14 @@
     tracker.finish()
 
 The tracking URI is always explicit (MLflow's default is a sqlite file in each worker's cwd): a
-``sqlite:///`` file under the run's storage, or ``http://host:5000`` for a tracking server.
+``sqlite:///`` file under the run's storage, or ``http://host:5000`` for a tracking server; ``None``
+turns MLflow off. With ``metrics_file``, rank 0 also appends every metrics dict to that JSON-lines
+file (``{"step": 10, "loss": 2.3, ...}``), with or without MLflow.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 from pathlib import Path
@@ -17,9 +20,13 @@ from pathlib import Path
 
 class NullTracker:
     run_id: str | None = None
+    metrics_file: Path | None = None
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        pass
+        if self.metrics_file is not None:
+            numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            with open(self.metrics_file, "a") as f:
+                f.write(json.dumps({"step": step, **{k: v if math.isfinite(v) else None for k, v in numeric.items()}}) + "\n")
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         pass
@@ -61,6 +68,7 @@ class MlflowTracker(NullTracker):
         from mlflow.entities import Metric
         import time
 
+        super().log_metrics(metrics, step)
         now = int(time.time() * 1000)
         numeric = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         batch = [Metric(k, v, now, step) for k, v in numeric.items() if math.isfinite(v)]
@@ -94,18 +102,22 @@ class MlflowTracker(NullTracker):
 
 
 def start_tracking(uri: str | None, *, experiment: str, run_name: str, rank: int, params: dict | None = None,
-                   run_id: str | None = None, artifact_location: str | None = None, tags: dict | None = None) -> NullTracker:
-    if rank != 0 or uri is None:
+                   run_id: str | None = None, artifact_location: str | None = None, tags: dict | None = None,
+                   metrics_file: str | Path | None = None) -> NullTracker:
+    if rank != 0:
         return NullTracker()
-    return MlflowTracker(uri, experiment=experiment, run_name=run_name, params=params, run_id=run_id,
-                         artifact_location=artifact_location, tags=tags)
+    tracker = NullTracker() if uri is None else MlflowTracker(
+        uri, experiment=experiment, run_name=run_name, params=params, run_id=run_id,
+        artifact_location=artifact_location, tags=tags)
+    tracker.metrics_file = Path(metrics_file) if metrics_file else None
+    return tracker
 
 
 def log_final_model(cfg, run_name: str, summary: dict) -> str | None:
     """Driver side, once the final checkpoint is persisted: the model folder as the run's ``model``
     artifact, the checkpoint path as a tag, and a registered model version when the config names one."""
     run_id = summary.get("mlflow_run_id")
-    if not run_id:
+    if not run_id or cfg.tracking_uri() is None:
         return None
     tracker = MlflowTracker(cfg.tracking_uri(), experiment=cfg.tracking.experiment, run_name=run_name, params=None,
                             run_id=run_id)

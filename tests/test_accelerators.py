@@ -76,6 +76,15 @@ def test_precision_and_cluster_capacity():
         acc.cluster_check(npu, 3, {**FAKE_ATLAS, "CPU": 16.0})
 
 
+def test_batch_width_multiple_per_accelerator():
+    """Accelerators compile per shape (cuDNN attention plans, Ascend operators): widths rounded to 64;
+    CPU wastes nothing; an explicit data.pad_to_multiple wins."""
+    assert acc.pad_multiple(plan_accelerator(AcceleratorConfig(), CPU_BOX)) == 1
+    assert acc.pad_multiple(plan_accelerator(AcceleratorConfig(), GPU_NODE).to_dict()) == 64
+    assert acc.pad_multiple(plan_accelerator(AcceleratorConfig(), ATLAS, check_npu_import=False)) == 64
+    assert acc.pad_multiple(plan_accelerator(AcceleratorConfig(), GPU_NODE), 8) == 8
+
+
 def test_cpu_worker_device_and_autocast():
     import torch
 

@@ -79,3 +79,14 @@ def test_padding_to_the_longest_cell():
     ids, attention = pad_cells([np.array([2, 5, 6, 3]), np.array([2, 7, 3])], pad_id=0)
     assert ids.tolist() == [[2, 5, 6, 3], [2, 7, 3, 0]]
     assert attention.tolist() == [[1, 1, 1, 1], [1, 1, 1, 0]]
+
+
+def test_padding_to_a_multiple_bounds_the_shapes_and_respects_the_model_width():
+    cells = [np.arange(2, 2 + n) for n in (70, 3)]
+    ids, attention = pad_cells(cells, pad_id=0, multiple=64)
+    assert ids.shape == (2, 128) and attention.sum() == 73  # the padding is masked out
+    assert ids[0, :70].tolist() == cells[0].tolist() and not ids[0, 70:].any()
+    assert pad_cells(cells, multiple=64, max_width=100)[0].shape == (2, 100)  # never past the model's positions
+    assert pad_cells(cells, multiple=64, max_width=50)[0].shape == (2, 70)  # nor shorter than a cell
+    widths = {pad_cells([np.ones(n, dtype=np.int64)], multiple=64)[0].shape[1] for n in range(1, 2049)}
+    assert widths == set(range(64, 2049, 64))  # 32 shapes for every length up to 2,048

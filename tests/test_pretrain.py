@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import mlflow
 import pytest
 import torch
@@ -30,6 +33,8 @@ def test_config_errors_name_the_field_and_the_fix(tmp_path):
         load_config(PretrainConfig, None, ["data.corpus=x", "model.flavour=gf-99L"])
     with pytest.raises(ValueError, match="accelerator.type='tpu'"):
         load_config(PretrainConfig, None, ["data.corpus=x", "accelerator.type=tpu"])
+    with pytest.raises(ValueError, match="data.pad_to_multiple=0 must be between 1 and 1024"):
+        load_config(PretrainConfig, None, ["data.corpus=x", "data.pad_to_multiple=0"])
     cfg = load_config(PretrainConfig, TINY, ["optim.betas=[0.9, 0.98]", "train.max_steps=7"])
     assert cfg.optim.betas == (0.9, 0.98) and cfg.train.max_steps == 7
     assert PretrainConfig.from_dict(cfg.to_dict()) == cfg  # the Ray boundary round trip
@@ -126,15 +131,23 @@ def test_two_worker_ddp_pretraining_learns_and_is_tracked(ray_session, corpus, t
 
 
 def test_token_budget_batches_with_gradient_accumulation(ray_session, corpus, tmp_path):
-    """Token budgets give ranks different numbers of batches: they must still stop together."""
+    """Token budgets give ranks different numbers of batches: they must still stop together. Also:
+    MLflow off (tracking.uri=none), metrics in the run's metrics.jsonl; widths padded to a multiple."""
     from geneformer_ray.train.pretrain import pretrain
 
     summary = pretrain(_config(corpus, tmp_path, "data.batch_size=null", "data.max_tokens=16000", "optim.grad_accum_steps=2",
                                "train.epochs=1", "train.max_steps=null", "train.run_name=budget", "train.log_every=10",
-                               "optim.schedule=cosine", "accelerator.precision=bf16"))
+                               "optim.schedule=cosine", "accelerator.precision=bf16", "tracking.uri=none",
+                               "data.pad_to_multiple=64"))
     m = summary["metrics"]
     assert m["step"] > 10 and m["epoch"] == 1 and m["weights_identical_across_ranks"]
     assert m["final_loss"] < m["first_loss"]
+    assert not summary["mlflow_run_id"] and summary["registered_version"] is None
+    assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "mlartifacts").exists()
+    windows = [json.loads(line) for line in Path(summary["metrics_file"]).read_text().splitlines()]
+    assert [w["step"] for w in windows if "loss" in w][:2] == [10, 20] and windows[-1]["step"] == m["step"]
+    assert all(0 < w["tokens_per_s"] for w in windows if "tokens_per_s" in w)
+    assert all(w["padding_fraction"] < 0.5 for w in windows if "padding_fraction" in w)
 
 
 def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, corpus, tmp_path):

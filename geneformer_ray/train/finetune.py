@@ -29,7 +29,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from geneformer_ray.accelerators import AcceleratorPlan, autocast, worker_device
+    from geneformer_ray.accelerators import AcceleratorPlan, autocast, pad_multiple, worker_device
     from geneformer_ray.attention import use_sparse_attention_dropout
     from geneformer_ray.tasks import TaskLoss, add_lora, build_task_model, freeze_layers, write_test_evaluation
     from geneformer_ray.tracking import start_tracking
@@ -50,6 +50,7 @@ def train_loop_per_worker(config: dict) -> None:
     model = build_task_model(kind, heads, init_from=cfg.model.init_from, flavour=cfg.model.flavour, vocab=vocab,
                              seed=cfg.train.seed, hidden_dropout=cfg.model.hidden_dropout,
                              attention_dropout=cfg.model.attention_dropout)
+    max_width = model.config.max_position_embeddings
     if cfg.model.sparse_attention_dropout:
         use_sparse_attention_dropout(model)
     freeze_layers(model, cfg.model.freeze_layers)
@@ -75,7 +76,8 @@ def train_loop_per_worker(config: dict) -> None:
         if ranks.distributed else model
     tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=config["run_name"],
                              rank=ranks.rank, params=config["finetune"], run_id=run_id,
-                             artifact_location=config["artifact_location"], tags=config.get("tracking_tags"))
+                             artifact_location=config["artifact_location"], tags=config.get("tracking_tags"),
+                             metrics_file=Path(config["run_dir"]) / "metrics.jsonl")
     token_labels = {name: _token_lookup(lookup, vocab.num_tokens) for name, lookup in task.get("token_classes", {}).items()}
 
     def batches(name: str, epoch: int, *, training: bool):
@@ -86,6 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
                 shard, pad_id=vocab.pad_id, batch_size=cfg.data.batch_size, window_batches=cfg.data.window_batches,
                 shuffle_buffer=cfg.data.shuffle_buffer if training else 0, seed=cfg.train.seed * 1000 + epoch,
                 columns=["cell_id"] + ([] if kind == "gene" else ["labels"]),
+                pad_to_multiple=pad_multiple(plan, cfg.data.pad_to_multiple), max_width=max_width,
                 keep=None if training else (lambda ids: _stripe(ids, ranks.rank, ranks.world))):
             if kind == "gene":
                 batch["labels"] = token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
@@ -297,7 +300,8 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
                  num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep)
     summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
                "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
-               "loss_curve": str(run_dir / "loss_curve.png"), "tracking_uri": cfg.tracking_uri(),
+               "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),
+               "tracking_uri": cfg.tracking_uri(),
                "mlflow_run_id": result.metrics.get("mlflow_run_id"), "dropped_classes": prepared["dropped"],
                "split_sizes": {k: int(v) for k, v in split["sizes"].items()}}
     from geneformer_ray.tracking import log_final_model
@@ -360,6 +364,7 @@ def format_finetune_summary(summary: dict) -> str:
             lines.append(f"dropped small classes: {summary['dropped_classes']}")
         lines.append(f"model (Hugging Face folder): {summary['model']}")
         lines.append(f"evaluation (predictions, confusion matrix, ROC): {summary['evaluation']}")
-    lines.append(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
-                 + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
+    if summary["tracking_uri"]:
+        lines.append(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
+                     + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
     return "\n".join(lines)

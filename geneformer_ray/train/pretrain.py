@@ -24,7 +24,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     import torch
 
-    from geneformer_ray.accelerators import AcceleratorPlan, autocast, worker_device
+    from geneformer_ray.accelerators import AcceleratorPlan, autocast, pad_multiple, worker_device
     from geneformer_ray.attention import use_sparse_attention_dropout
     from geneformer_ray.collate import GeneMasker, iter_mlm_batches
     from geneformer_ray.models import MaskedGeneObjective, build_model, load_model, model_vocab
@@ -69,7 +69,8 @@ def train_loop_per_worker(config: dict) -> None:
     ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type != "cpu" else None) \
         if distributed else objective
     tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
-                             rank=rank, params=config["pretrain"], run_id=run_id, artifact_location=config["artifact_location"])
+                             rank=rank, params=config["pretrain"], run_id=run_id, artifact_location=config["artifact_location"],
+                             metrics_file=Path(config["run_dir"]) / "metrics.jsonl")
     masker = GeneMasker.for_vocab(vocab, seed=None, mlm_probability=cfg.data.mlm_probability)
     masker.rng = np.random.default_rng([cfg.train.seed, rank, progress["step"]])  # a resumed run draws fresh, reproducible masks
 
@@ -77,7 +78,8 @@ def train_loop_per_worker(config: dict) -> None:
         return iter_mlm_batches(ray.train.get_dataset_shard(name), masker=masker, pad_id=vocab.pad_id,
                                 batch_size=cfg.data.batch_size, max_tokens=cfg.data.max_tokens,
                                 window_batches=cfg.data.window_batches, shuffle_buffer=cfg.data.shuffle_buffer,
-                                seed=cfg.train.seed * 1000 + epoch)
+                                seed=cfg.train.seed * 1000 + epoch, pad_to_multiple=pad_multiple(plan, cfg.data.pad_to_multiple),
+                                max_width=model.config.max_position_embeddings)
 
     def validate() -> float | None:
         if not config["has_val"]:
@@ -232,7 +234,8 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
                  num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep)
     model_dir = Path(result.checkpoint.path) / "model"
     summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
-               "loss_curve": str(run_dir / "loss_curve.png"), "tracking_uri": cfg.tracking_uri(),
+               "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),
+               "tracking_uri": cfg.tracking_uri(),
                "mlflow_run_id": result.metrics.get("mlflow_run_id")}
     summary["registered_version"] = log_final_model(cfg, cfg.train.run_name, summary)
     return summary
