@@ -113,8 +113,8 @@ class TrackingConfig:
     artifact_location: str | None = None  # new experiments' artifact root; default <storage_path>/mlartifacts for sqlite
 
 
-class _Sections:
-    """Shared behaviour of the top-level configs: validation, the Ray boundary, tracking defaults."""
+class Sectioned:
+    """Shared behaviour of top-level configs made of sections: validation and the Ray boundary."""
 
     def validate(self):
         for f in dataclasses.fields(self):
@@ -129,6 +129,10 @@ class _Sections:
     @classmethod
     def from_dict(cls, values: dict):
         return _build(cls, values, "")
+
+
+class _Sections(Sectioned):
+    """Training configs: sections plus the tracking defaults beside the run's storage."""
 
     def tracking_uri(self) -> str | None:
         if self.tracking.uri and self.tracking.uri.lower() == "none":
@@ -399,5 +403,7 @@ def _coerce(hint, value, name: str):
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    if hint is dict and isinstance(value, dict):  # free-form mappings (a search dimension, a trial's params)
         return value
     raise ValueError(f"{name} must be {getattr(hint, '__name__', hint)}, got {value!r}")

@@ -94,16 +94,22 @@ def test_gene_classification_cross_validates_by_gene(ray_session, corpus, tmp_pa
     assert np.allclose(genes[["prob_dosage_insensitive", "prob_dosage_sensitive"]].sum(axis=1), 1, atol=1e-4)
 
 
-def test_multitask_from_a_pretrained_encoder_with_frozen_layers(ray_session, corpus, tmp_path):
+def test_multitask_from_a_pretrained_encoder_with_frozen_layers_then_resumed(ray_session, corpus, tmp_path):
     from geneformer_ray.models import build_model, save_model
 
     pretrained = save_model(build_model("tiny", seed=3), tmp_path / "pretrained", vocab="gc30M")
-    summary = finetune(_cfg(corpus, tmp_path, "task.kind=multitask", "task.label_columns=[cell_type, lineage]", LINEAGE,
-                            "task.loss_weights={lineage: 0.5}", f"model.init_from={pretrained}", "model.freeze_layers=1",
-                            "train.max_steps=30", "train.run_name=multi", "task.min_class_size=20"))
+    args = [corpus, tmp_path, "task.kind=multitask", "task.label_columns=[cell_type, lineage]", LINEAGE,
+            "task.loss_weights={lineage: 0.5}", f"model.init_from={pretrained}", "model.freeze_layers=1",
+            "train.run_name=multi", "task.min_class_size=20"]
+    summary = finetune(_cfg(*args, "train.max_steps=30"))
     m = summary["metrics"]
     for task in ("cell_type", "lineage"):
         assert np.isfinite(m[f"test_{task}_macro_f1"]) and np.isfinite(m[f"test_{task}_accuracy"])
         assert (Path(summary["evaluation"]) / f"test_{task}_confusion_matrix.csv").exists()
     assert summary["dropped_classes"] == {"cell_type": {"Platelet": 14}, "lineage": {"other": 14}}  # reported
-
+    assert m["restarts"] == 0
+    resumed = finetune(_cfg(*args, "train.max_steps=36"))  # the same run name: continues from the last checkpoint
+    assert resumed["metrics"]["step"] == 36 and resumed["metrics"]["restarts"] == 1
+    assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run goes on
+    losses = mlflow.MlflowClient(resumed["tracking_uri"]).get_metric_history(resumed["mlflow_run_id"], "loss")
+    assert [h.step for h in sorted(losses, key=lambda h: h.step)] == [10, 20, 30]  # none logged twice

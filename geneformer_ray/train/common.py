@@ -90,7 +90,7 @@ def report(metrics: dict, *, rank: int, save=None) -> None:
 
 
 def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: list[str], plan, num_workers: int,
-        run_name: str, storage_path: str, max_failures: int, num_checkpoints_to_keep: int):
+        run_name: str, storage_path: str, max_failures: int, num_checkpoints_to_keep: int, callbacks: list | None = None):
     """Build and fit the ``TorchTrainer`` of a run; returns the ``Result`` (raises the run's error)."""
     from pathlib import Path
 
@@ -113,6 +113,7 @@ def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: lis
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=num_checkpoints_to_keep),
             worker_runtime_env={"env_vars": plan.env} if plan.env else None,
+            callbacks=callbacks,  # e.g. Tune's TuneReportCallback when a trial runs this
         ),
     )
     result = trainer.fit()

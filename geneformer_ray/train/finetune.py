@@ -162,6 +162,7 @@ def train_loop_per_worker(config: dict) -> None:
     test = evaluate("test")
     metrics = loss_fn.metrics(test)
     final = {"step": progress["step"], "epoch": progress["epoch"], "restarts": progress.get("restarts", 0),
+             "epochs_done": progress["step"] / config["steps_per_epoch"],
              "mlflow_run_id": tracker.run_id or "", "done": True,
              **{f"val_{k}": v for k, v in last_val.items()}, **{f"test_{k}": v for k, v in _headline(metrics).items()}}
     if ranks.rank == 0:
@@ -188,8 +189,8 @@ def _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save
     tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
     if ranks.rank == 0:
         print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    report({"step": step, "epoch": progress["epoch"], **{f"val_{k}": v for k, v in metrics.items()}},
-           rank=ranks.rank, save=save)
+    report({"step": step, "epoch": progress["epoch"], "epochs_done": step / config["steps_per_epoch"],
+            **{f"val_{k}": v for k, v in metrics.items()}}, rank=ranks.rank, save=save)
     return metrics
 
 
@@ -280,7 +281,8 @@ def _cross_validate(cfg: FinetuneConfig, plan, prepared: dict) -> dict:
     return result
 
 
-def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: str, tags: dict | None = None) -> dict:
+def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: str, tags: dict | None = None,
+         callbacks: list | None = None) -> dict:
     from geneformer_ray.train.common import fit
 
     datasets = _datasets(cfg, prepared, split)
@@ -293,11 +295,11 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
     loop_config = {"finetune": cfg.to_dict(), "task": task, "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
                    "vocab_name": prepared["vocab_name"], "tracking_uri": cfg.tracking_uri(), "run_name": run_name,
                    "run_dir": str(run_dir), "has_val": "val" in datasets, "artifact_location": cfg.artifact_location(),
-                   "tracking_tags": tags}
+                   "tracking_tags": tags, "steps_per_epoch": steps_per_epoch}
     result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=["train"], plan=plan,
                  num_workers=cfg.train.num_workers, run_name=run_name,
                  storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,
-                 num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep)
+                 num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep, callbacks=callbacks)
     summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
                "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
                "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),

@@ -1,0 +1,415 @@
+"""Hyperparameter search over fine-tuning: Ray Tune + Optuna (TPE, seeded) + ASHA, tracked in MLflow.
+
+    study, base = load_study("jobs/configs/tune_cell_type.yaml", ["study.num_trials=8"])
+    summary = tune_study(study, base)      # (the `geneformer-ray tune` command comes with the end-to-end test)
+
+The study config names a fine-tuning config (any task) and a search space over its fields by dotted
+name. Each trial is a Tune driver function that prepares the task and fits its own multi-worker
+``TorchTrainer`` (the Ray 2.60 pattern: Train reports reach Tune through ``TuneReportCallback``);
+ASHA stops trials on the validation metric reported at every evaluation. MLflow: one parent run for
+the study, one child run per trial (its params, metric curves, and status completed / early-stopped
+/ failed). The study folder gets ``best_config.yaml`` (accepted unchanged by ``geneformer-ray
+finetune``), ``best_model/``, ``results.csv`` and Optuna's optimisation-history and
+parameter-importance plots.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import dataclasses
+import json
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from geneformer_ray.config import FinetuneConfig, Sectioned, load_config
+
+DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+
+
+@dataclass
+class StudyConfig:
+    finetune: str = ""  # the fine-tuning config (YAML) every trial starts from
+    finetune_set: list[str] = field(default_factory=list)  # overrides of it, as with `finetune --set`
+    name: str = "study"
+    storage_path: str = "runs/tune"  # the study folder is <storage_path>/<name>
+    num_trials: int = 8
+    metric: str | None = None  # default: val_macro_f1 (cell), val_roc_auc (gene), val_<first column>_macro_f1 (multitask)
+    mode: str = "max"
+    searcher: str = "tpe"  # tpe (Optuna TPE) | random (Optuna random sampler)
+    seed: int = 0
+    scheduler: str = "asha"  # asha (early stopping at evaluations) | none
+    grace_period: int = 1  # evaluations a trial always gets before ASHA may stop it
+    reduction_factor: int = 3
+    max_concurrent_trials: int | None = None  # default: what the cluster fits (accelerators / workers per trial)
+    points_to_evaluate: list[dict] = field(default_factory=list)  # trials to run first, {dotted name: value}
+
+    def validate(self):
+        if not self.finetune:
+            raise ValueError("study.finetune is empty; name a fine-tuning config, e.g. jobs/configs/finetune_cell_type.yaml")
+        if self.num_trials < 1:
+            raise ValueError(f"study.num_trials={self.num_trials} must be at least 1")
+        if self.mode not in ("max", "min"):
+            raise ValueError(f"study.mode={self.mode!r}: use max or min")
+        if self.searcher not in ("tpe", "random"):
+            raise ValueError(f"study.searcher={self.searcher!r}: use tpe or random")
+        if self.scheduler not in ("asha", "none"):
+            raise ValueError(f"study.scheduler={self.scheduler!r}: use asha or none")
+        if self.grace_period < 1 or self.reduction_factor < 2:
+            raise ValueError("study.grace_period must be >= 1 and study.reduction_factor >= 2")
+        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
+            raise ValueError(f"study.max_concurrent_trials={self.max_concurrent_trials} must be at least 1 (or null)")
+
+
+@dataclass
+class StudyFile(Sectioned):
+    study: StudyConfig = field(default_factory=StudyConfig)
+    space: dict[str, dict] = field(default_factory=dict)  # {dotted fine-tuning field: {loguniform: [lo, hi]} ...}
+
+    def validate(self):
+        super().validate()
+        if not self.space:
+            raise ValueError("space is empty; give at least one fine-tuning field, e.g. optim.lr: {loguniform: [1.0e-5, 1.0e-3]}")
+        return self
+
+
+def load_study(path: str | Path | None, overrides: list[str] | None = None) -> tuple[StudyFile, FinetuneConfig]:
+    """The study config and its base fine-tuning config, both checked (space keys, ranges) before any trial."""
+    study = load_config(StudyFile, path, overrides)
+    base_path = Path(study.study.finetune)
+    if not base_path.is_absolute() and path is not None and not base_path.exists():
+        base_path = Path(path).parent / base_path  # relative to the study file
+    study.study.finetune = str(base_path.absolute())
+    study.study.storage_path = str(Path(study.study.storage_path).absolute())
+    base = load_config(FinetuneConfig, base_path, study.study.finetune_set)
+    for name, spec in study.space.items():
+        _check_dimension(base, name, spec)
+    for point in study.study.points_to_evaluate:
+        unknown = sorted(set(point) - set(study.space))
+        if unknown:
+            raise ValueError(f"study.points_to_evaluate names {unknown}, which are not in space ({sorted(study.space)})")
+    return study, base
+
+
+def _check_dimension(base: FinetuneConfig, name: str, spec) -> None:
+    section, _, leaf = name.partition(".")
+    target = getattr(base, section, None)
+    if not leaf or target is None or not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
+        known = ", ".join(f"{s.name}.*" for s in dataclasses.fields(base))
+        raise ValueError(f"space key {name!r} is not a fine-tuning field; use a dotted field name of the fine-tuning "
+                         f"config ({known}), e.g. optim.lr")
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+        raise ValueError(f"space.{name}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1.0e-5, 1.0e-3]}}; got {spec!r}")
+    kind, values = next(iter(spec.items()))
+    if kind == "choice":
+        if not isinstance(values, list) or not values:
+            raise ValueError(f"space.{name}: choice needs a non-empty list of values")
+        samples = values
+    else:
+        if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)):
+            raise ValueError(f"space.{name}: {kind} needs [low, high]; got {values!r}")
+        low, high = values
+        if not low < high:
+            raise ValueError(f"space.{name}: {kind} range [{low}, {high}] is empty or inverted; low must be below high")
+        if kind == "loguniform" and low <= 0:
+            raise ValueError(f"space.{name}: loguniform needs low > 0 (got {low})")
+        samples = [low, high]
+    for sample in samples:  # every value must make a valid fine-tuning config
+        try:
+            apply_params(base.to_dict(), {name: sample})
+        except ValueError as err:
+            raise ValueError(f"space.{name}: value {sample!r} makes an invalid fine-tuning config: {err}") from None
+
+
+def apply_params(base: dict, params: dict) -> FinetuneConfig:
+    """A fine-tuning config: ``base`` (a ``FinetuneConfig.to_dict()``) with dotted fields replaced."""
+    values = copy.deepcopy(base)
+    for name, value in params.items():
+        section, leaf = name.split(".", 1)
+        values[section][leaf] = value
+    return FinetuneConfig.from_dict(values).validate()
+
+
+def default_metric(base: FinetuneConfig) -> str:
+    if base.task.kind == "gene":
+        return "val_roc_auc"
+    if base.task.kind == "multitask":
+        return f"val_{base.task.label_columns[0]}_macro_f1"
+    return "val_macro_f1"
+
+
+def max_concurrent_trials(plan, workers_per_trial: int, cpus_per_worker: int, resources: dict) -> int:
+    """Trials that fit at once: every trial holds ``workers_per_trial`` accelerators (or CPUs) plus one
+    CPU for its driver, and one CPU stays free for Ray Data, so no trial waits on a device another holds."""
+    cpus = int(resources.get("CPU", 0))
+    by_cpu = (cpus - 1) // (workers_per_trial * cpus_per_worker + 1)
+    if plan.kind == "cpu":
+        fit = by_cpu
+    else:
+        fit = min(int(resources.get(plan.resource, 0)) // workers_per_trial, by_cpu)
+    if fit < 1:
+        have = f"{int(resources.get(plan.resource, 0))} {plan.resource}" if plan.kind != "cpu" else f"{cpus} CPUs"
+        raise ValueError(
+            f"one trial needs {workers_per_trial} workers x {cpus_per_worker} CPU(s)"
+            + (f" and {workers_per_trial} {plan.resource}" if plan.kind != "cpu" else "")
+            + f", one CPU for the trial driver and one for Ray Data, but the cluster has {have} "
+            f"({cpus} CPUs); lower train.num_workers in the fine-tuning config or add nodes")
+    return fit
+
+
+# -- one trial (a Tune driver function) --------------------------------------------------------------
+def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir: str) -> None:
+    import ray
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from geneformer_ray.accelerators import plan_accelerator
+    from geneformer_ray.train.finetune import _fit
+    from geneformer_ray.train.prepare import prepare_task
+
+    trial_id = tune.get_context().get_trial_id()
+    cfg = apply_params(base, params)
+    cfg.train.run_name = f"trial_{trial_id}"
+    prepared = prepare_task(cfg)
+    plan = plan_accelerator(cfg.accelerator, ray.cluster_resources())
+    tags = {"trial_id": trial_id, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
+    summary = _fit(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name, tags=tags,
+                   callbacks=[TuneReportCallback()])
+    record = {"trial_id": trial_id, "model": summary["model"], "mlflow_run_id": summary["mlflow_run_id"],
+              "params": params, "metrics": {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}}
+    _write_json(Path(study_dir) / "trials" / f"{trial_id}.json", record)
+
+
+# -- the study (driver) --------------------------------------------------------------------------------
+def tune_study(study: StudyFile, base: FinetuneConfig) -> dict:
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+    from ray.tune.search.optuna import OptunaSearch
+
+    from geneformer_ray.accelerators import cluster_check, plan_accelerator
+    from geneformer_ray.tracking import start_tracking
+
+    s = study.study
+    study_dir = Path(s.storage_path) / s.name
+    (study_dir / "trials").mkdir(parents=True, exist_ok=True)
+    base.train.storage_path = str(study_dir)  # trials' runs, checkpoints and the MLflow store live in the study
+    base.task.baseline = False
+    if not ray.is_initialized():
+        ray.init()
+    resources = ray.cluster_resources()
+    plan = plan_accelerator(base.accelerator, resources)
+    cluster_check(plan, base.train.num_workers, resources)
+    fit = max_concurrent_trials(plan, base.train.num_workers, base.accelerator.cpus_per_worker, resources)
+    concurrent = min(s.max_concurrent_trials or fit, fit, s.num_trials)
+    metric = s.metric or default_metric(base)
+
+    parent = start_tracking(base.tracking_uri(), experiment=base.tracking.experiment, run_name=s.name, rank=0,
+                            params={"study": dataclasses.asdict(s), "space": study.space},
+                            artifact_location=base.artifact_location(), tags={"geneformer.study": s.name})
+    searcher = OptunaSearch(metric=metric, mode=s.mode, sampler=_sampler(s),
+                            points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None)
+    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
+                              reduction_factor=s.reduction_factor, max_t=10_000) if s.scheduler == "asha" else FIFOScheduler()
+    trainable = tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=parent.run_id, study_dir=str(study_dir))
+    tuner = tune.Tuner(
+        tune.with_resources(trainable, {"CPU": 1}),
+        param_space={name: _tune_dimension(spec) for name, spec in study.space.items()},
+        tune_config=tune.TuneConfig(metric=metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                    num_samples=s.num_trials, max_concurrent_trials=concurrent),
+        run_config=tune.RunConfig(name="tune", storage_path=str(study_dir), verbose=1),
+    )
+    grid = tuner.fit()
+    rows = _trial_rows(grid, study, metric, study_dir)
+    _mark_child_runs(base, rows)
+    summary = _write_outputs(study, base, rows, metric, study_dir)
+    summary.update({"max_concurrent_trials": concurrent, "tracking_uri": base.tracking_uri(),
+                    "mlflow_run_id": parent.run_id})
+    best = summary.get("best") or {}
+    parent.log_metrics({f"best_{metric}": best.get(metric, math.nan), "trials_completed": summary["counts"]["completed"],
+                        "trials_early_stopped": summary["counts"]["early_stopped"],
+                        "trials_failed": summary["counts"]["failed"], "epochs_spent": summary["epochs_spent"]}, step=0)
+    for name in ("results.csv", "best_config.yaml", "optimization_history.png", "param_importances.png"):
+        if (study_dir / name).exists():
+            parent.log_artifact(study_dir / name)
+    parent.finish()
+    return summary
+
+
+def _sampler(s: StudyConfig):
+    import optuna
+
+    if s.searcher == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed)
+
+
+def _tune_dimension(spec: dict):
+    from ray import tune
+
+    kind, values = next(iter(spec.items()))
+    if kind == "choice":
+        return tune.choice(values)
+    if kind == "randint":
+        return tune.randint(int(values[0]), int(values[1]) + 1)  # inclusive of high
+    return (tune.loguniform if kind == "loguniform" else tune.uniform)(float(values[0]), float(values[1]))
+
+
+def _trial_rows(grid, study: StudyFile, metric: str, study_dir: Path) -> list[dict]:
+    """One row per trial. A trial is completed when its driver function wrote its record (after the
+    final evaluation), failed when it raised, and otherwise stopped early by the scheduler."""
+    rows = []
+    for result in grid:
+        last = result.metrics or {}
+        trial_id = last.get("trial_id") or Path(result.path).name
+        record_path = study_dir / "trials" / f"{trial_id}.json"
+        record = json.loads(record_path.read_text()) if record_path.exists() else {}
+        history = result.metrics_dataframe
+        values = history[metric].dropna().tolist() if history is not None and metric in history else []
+        epochs = float(history["epochs_done"].max()) if history is not None and "epochs_done" in history else 0.0
+        status = "failed" if result.error is not None else "completed" if record else "early_stopped"
+        rows.append({"trial_id": trial_id, "status": status, **{k: (result.config or {}).get(k) for k in study.space},
+                     metric: values[-1] if values else math.nan,
+                     f"best_{metric}": (max if study.study.mode == "max" else min)(values) if values else math.nan,
+                     "evaluations": len(values), "epochs_spent": epochs if epochs == epochs else 0.0,
+                     "model": record.get("model", ""), "mlflow_run_id": record.get("mlflow_run_id", "")})
+    return rows
+
+
+def _mark_child_runs(base: FinetuneConfig, rows: list[dict]) -> None:
+    """Completed trials' runs are FINISHED by their workers; stopped and failed ones are closed here."""
+    uri = base.tracking_uri()
+    if uri is None:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    experiment = client.get_experiment_by_name(base.tracking.experiment)
+    for row in rows:
+        runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{row['trial_id']}'") if experiment else []
+        for run in runs:
+            client.set_tag(run.info.run_id, "tune.status", row["status"])
+            if row["status"] != "completed":
+                client.set_terminated(run.info.run_id, status="KILLED" if row["status"] == "early_stopped" else "FAILED")
+            row["mlflow_run_id"] = run.info.run_id
+
+
+def _write_outputs(study: StudyFile, base: FinetuneConfig, rows: list[dict], metric: str, study_dir: Path) -> dict:
+    s = study.study
+    finished = [r for r in rows if r["status"] == "completed" and r[metric] == r[metric]]
+    sign = 1 if s.mode == "max" else -1
+    best = max(finished, key=lambda r: sign * r[metric]) if finished else None
+    _write_csv(study_dir / "results.csv", rows)
+    summary = {"study_dir": str(study_dir), "metric": metric, "trials": rows, "results": str(study_dir / "results.csv"),
+               "counts": {k: sum(r["status"] == k for r in rows) for k in ("completed", "early_stopped", "failed")},
+               "epochs_spent": float(sum(r["epochs_spent"] for r in rows)), "best": best}
+    if best is not None:
+        params = {k: best[k] for k in study.space}
+        cfg = apply_params(base.to_dict(), params)
+        original = load_config(FinetuneConfig, s.finetune, s.finetune_set)
+        cfg.train.storage_path, cfg.train.run_name = original.train.storage_path, f"{s.name}_best"
+        cfg.task.baseline = original.task.baseline
+        _write_text(study_dir / "best_config.yaml",
+                    f"# best trial {best['trial_id']} of study {s.name}: {metric} {best[metric]:.4f}\n"
+                    f"#   geneformer-ray finetune --config {study_dir / 'best_config.yaml'}\n"
+                    + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        if best["model"] and Path(best["model"]).exists():
+            tmp = study_dir / ".best_model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.copytree(best["model"], tmp)
+            shutil.rmtree(study_dir / "best_model", ignore_errors=True)
+            tmp.rename(study_dir / "best_model")
+            summary["best_model"] = str(study_dir / "best_model")
+        summary["best_config"] = str(study_dir / "best_config.yaml")
+        summary["best_params"] = params
+    summary["plots"] = _optuna_plots(study, rows, metric, study_dir)
+    return summary
+
+
+def _optuna_plots(study: StudyFile, rows: list[dict], metric: str, study_dir: Path) -> list[str]:
+    """Optuna's own plots, from an in-memory study holding every trial's parameters and final value."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import optuna
+    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+    from optuna.trial import TrialState, create_trial
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    distributions = {}
+    for name, spec in study.space.items():
+        kind, values = next(iter(spec.items()))
+        distributions[name] = (CategoricalDistribution(values) if kind == "choice" else
+                               IntDistribution(int(values[0]), int(values[1])) if kind == "randint" else
+                               FloatDistribution(float(values[0]), float(values[1]), log=kind == "loguniform"))
+    ostudy = optuna.create_study(direction="maximize" if study.study.mode == "max" else "minimize")
+    for row in rows:
+        params = {k: row[k] for k in study.space if row.get(k) is not None}
+        if len(params) != len(study.space):
+            continue
+        complete = row["status"] == "completed" and row[metric] == row[metric]
+        ostudy.add_trial(create_trial(params=params, distributions=distributions, value=row[metric] if complete else None,
+                                      state=TrialState.COMPLETE if complete else
+                                      TrialState.PRUNED if row["status"] == "early_stopped" else TrialState.FAIL))
+    written = []
+    plots = [("optimization_history.png", optuna.visualization.matplotlib.plot_optimization_history)]
+    if len(study.space) > 1:
+        plots.append(("param_importances.png", optuna.visualization.matplotlib.plot_param_importances))
+    for name, plot in plots:
+        try:
+            ax = plot(ostudy)
+        except (ValueError, RuntimeError) as err:  # e.g. importances need 2+ completed trials
+            print(f"{name}: not drawn ({err})", flush=True)
+            continue
+        ax = ax[0] if hasattr(ax, "__len__") else ax
+        ax.set_title(f"{study.study.name}: {ax.get_title()} ({metric})")
+        ax.figure.tight_layout()
+        tmp = study_dir / f".{name}"
+        ax.figure.savefig(tmp, dpi=120, format="png")
+        tmp.rename(study_dir / name)
+        written.append(str(study_dir / name))
+    return written
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.rename(path)
+
+
+def _write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.rename(path)
+
+
+def _write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text(path, json.dumps(value, indent=2) + "\n")
+
+
+def format_study_summary(summary: dict) -> str:
+    counts = summary["counts"]
+    lines = [f"study {summary['study_dir']}: {len(summary['trials'])} trials, {counts['completed']} completed, "
+             f"{counts['early_stopped']} stopped early by ASHA, {counts['failed']} failed; "
+             f"{summary['epochs_spent']:.1f} training epochs in all (at most {summary['max_concurrent_trials']} at once)"]
+    best = summary.get("best")
+    if best:
+        lines.append(f"best trial {best['trial_id']}: {summary['metric']} {best[summary['metric']]:.4f} with {summary['best_params']}")
+        lines.append(f"best config (for geneformer-ray finetune): {summary['best_config']}")
+        if summary.get("best_model"):
+            lines.append(f"best model: {summary['best_model']}")
+    lines.append(f"results table: {summary['results']}")
+    for plot in summary["plots"]:
+        lines.append(f"plot: {plot}")
+    if summary.get("tracking_uri"):
+        lines.append(f"MLflow: {summary['tracking_uri']} study run {summary['mlflow_run_id']} (one child run per trial)")
+    return "\n".join(lines)

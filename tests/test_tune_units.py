@@ -1,0 +1,60 @@
+"""Ring 1 of hyperparameter search: the study config is checked before any trial starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator
+from geneformer_ray.tune import apply_params, default_metric, load_study, max_concurrent_trials
+
+STUDY = "jobs/configs/tune_cell_type.yaml"
+
+
+def test_the_shipped_study_loads_with_its_fine_tuning_config():
+    study, base = load_study(STUDY, ["study.num_trials=3"])
+    assert study.study.num_trials == 3 and base.task.label_column == "cell_type"
+    assert study.study.finetune.endswith("jobs/configs/finetune_cell_type.yaml")  # relative to the study file
+    assert base.train.eval_every == 20 and base.task.baseline is False  # the study's finetune_set applied
+    assert default_metric(base) == "val_macro_f1"
+    cfg = apply_params(base.to_dict(), {"optim.lr": 3e-4, "model.freeze_layers": 1, "data.batch_size": 8})
+    assert (cfg.optim.lr, cfg.model.freeze_layers, cfg.data.batch_size) == (3e-4, 1, 8)
+    assert base.optim.lr != 3e-4  # the base config is not touched
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{optim.learning_rate: {loguniform: [1.0e-5, 1.0e-3]}}", r"space key 'optim.learning_rate' is not a fine-tuning field"),
+    ("{lr: {loguniform: [1.0e-5, 1.0e-3]}}", r"space key 'lr' is not a fine-tuning field"),
+    ("{optim.lr: {loguniform: [1.0e-3, 1.0e-5]}}", r"range \[0.001, 1e-05\] is empty or inverted"),
+    ("{optim.weight_decay: {uniform: [0.1, 0.1]}}", r"is empty or inverted"),
+    ("{optim.lr: {loguniform: [0, 1.0e-3]}}", r"loguniform needs low > 0"),
+    ("{optim.schedule: {choice: []}}", r"choice needs a non-empty list"),
+    ("{optim.lr: {normal: [0, 1]}}", r"give one of loguniform, uniform, randint, choice"),
+    ("{optim.schedule: {choice: [linear, sawtooth]}}", r"value 'sawtooth' makes an invalid fine-tuning config"),
+    ("{}", r"space is empty"),
+])
+def test_bad_search_spaces_are_refused_with_the_fix(space, message):
+    with pytest.raises(ValueError, match=message):
+        load_study(STUDY, [f"space={space}"])
+
+
+def test_bad_study_settings_are_refused():
+    with pytest.raises(ValueError, match="study.searcher='grid'"):
+        load_study(STUDY, ["study.searcher=grid"])
+    with pytest.raises(ValueError, match="study.num_trials=0"):
+        load_study(STUDY, ["study.num_trials=0"])
+    with pytest.raises(ValueError, match=r"points_to_evaluate names \['optim.eps'\]"):
+        load_study(STUDY, ["study.points_to_evaluate=[{optim.eps: 1.0e-8}]"])
+    with pytest.raises(ValueError, match="does not exist"):
+        load_study(STUDY, ["study.finetune=missing.yaml"])
+
+
+def test_concurrent_trials_fit_the_cluster_and_leave_room_for_ray_data():
+    gpu = plan_accelerator(AcceleratorConfig(), {"CPU": 64.0, "GPU": 8.0})
+    assert max_concurrent_trials(gpu, 2, 4, {"CPU": 64.0, "GPU": 8.0}) == 4  # devices bound it
+    assert max_concurrent_trials(gpu, 2, 4, {"CPU": 19.0, "GPU": 8.0}) == 2  # CPUs bound it: 2 x (2 x 4 + 1) + 1
+    cpu = plan_accelerator(AcceleratorConfig(), {"CPU": 4.0})
+    assert max_concurrent_trials(cpu, 2, 1, {"CPU": 4.0}) == 1
+    with pytest.raises(ValueError, match=r"one trial needs 4 workers x 1 CPU\(s\) and 4 GPU.*cluster has 2 GPU"):
+        max_concurrent_trials(gpu, 4, 1, {"CPU": 64.0, "GPU": 2.0})
+    with pytest.raises(ValueError, match="lower train.num_workers"):
+        max_concurrent_trials(cpu, 4, 1, {"CPU": 4.0})
