@@ -145,8 +145,7 @@ def pad_multiple(plan: AcceleratorPlan | dict, configured: int | None = None) ->
     multiples of 64 bound them to model_input_size / 64 shapes. On CPU no padding is wasted (1)."""
     if configured:
         return configured
-    kind = plan.kind if isinstance(plan, AcceleratorPlan) else plan["kind"]
-    return 1 if kind == "cpu" else 64
+    return 1 if _as_plan(plan).kind == "cpu" else 64
 
 
 def worker_device_index(plan: AcceleratorPlan, local_rank: int) -> int:
@@ -157,19 +156,29 @@ def worker_device_index(plan: AcceleratorPlan, local_rank: int) -> int:
 
 def worker_device(plan: AcceleratorPlan | dict):
     """The torch device of this Ray Train worker (call inside ``train_loop_per_worker``)."""
+    plan = _as_plan(plan)
+    if plan.kind == "cpu":
+        return _select_device(plan, 0)
+    import ray.train
+
+    return _select_device(plan, worker_device_index(plan, ray.train.get_context().get_local_rank()))
+
+
+def _as_plan(plan: AcceleratorPlan | dict) -> AcceleratorPlan:
+    """Plans cross the Ray boundary as dicts."""
+    return plan if isinstance(plan, AcceleratorPlan) else AcceleratorPlan(**plan)
+
+
+def _select_device(plan: AcceleratorPlan, index: int):
+    """torch's device for the plan, made current (NPU: torch_npu imported first)."""
     import torch
 
-    plan = plan if isinstance(plan, AcceleratorPlan) else AcceleratorPlan(**plan)
     if plan.kind == "cpu":
         return torch.device("cpu")
     if plan.kind == "npu":
         import_torch_npu()
-    import ray.train
-
-    index = worker_device_index(plan, ray.train.get_context().get_local_rank())
-    device = torch.device(plan.kind, index)
     _current_device(plan.kind, index)
-    return device
+    return torch.device(plan.kind, index)
 
 
 def _current_device(kind: str, index: int) -> None:
@@ -182,7 +191,7 @@ def autocast(plan: AcceleratorPlan | dict, device):
     """bf16 autocast where the plan asks for it; a no-op context otherwise."""
     import torch
 
-    dtype = plan.autocast_dtype if isinstance(plan, AcceleratorPlan) else plan["autocast_dtype"]
+    dtype = _as_plan(plan).autocast_dtype
     if dtype is None:
         return nullcontext()
     return torch.autocast(device_type=device.type, dtype=getattr(torch, dtype))
@@ -201,12 +210,4 @@ def actor_resources(plan: AcceleratorPlan, *, cpus: float = 1) -> dict:
 
 def actor_device(plan: AcceleratorPlan | dict):
     """The torch device inside a model actor: Ray pins one device per actor (index 0 of what it sees)."""
-    import torch
-
-    plan = plan if isinstance(plan, AcceleratorPlan) else AcceleratorPlan(**plan)
-    if plan.kind == "cpu":
-        return torch.device("cpu")
-    if plan.kind == "npu":
-        import_torch_npu()
-    _current_device(plan.kind, 0)
-    return torch.device(plan.kind, 0)
+    return _select_device(_as_plan(plan), 0)

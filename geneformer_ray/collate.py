@@ -62,11 +62,11 @@ def pad_cells(cells: list[np.ndarray], *, pad_id: int = 0, multiple: int = 1,
     """(batch, width) int64 token ids padded with ``pad_id``, and the attention mask; width is the
     longest cell rounded up to ``multiple`` (at most ``max_width``)."""
     longest = max(len(c) for c in cells)
-    longest = -(-longest // multiple) * multiple
+    width = -(-longest // multiple) * multiple
     if max_width is not None:
-        longest = max(min(longest, max_width), max(len(c) for c in cells))
-    input_ids = np.full((len(cells), longest), pad_id, dtype=np.int64)
-    attention_mask = np.zeros((len(cells), longest), dtype=np.int64)
+        width = max(min(width, max_width), longest)
+    input_ids = np.full((len(cells), width), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(cells), width), dtype=np.int64)
     for row, cell in enumerate(cells):
         input_ids[row, : len(cell)] = cell
         attention_mask[row, : len(cell)] = 1
