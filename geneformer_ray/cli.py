@@ -35,7 +35,9 @@ def connect_ray() -> None:
     try:
         ray.init(address="auto")
     except ConnectionError:
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False)
+        # the dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner polls:
+        # without it the workers of a stopped run (an ASHA-stopped trial) keep their CPUs for good
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
 
 
 def _tokenize(args) -> int:
@@ -96,6 +98,15 @@ def _finetune(args) -> int:
     cfg = load_config(FinetuneConfig, args.config, overrides)  # config errors before Ray starts
     connect_ray()
     print(format_finetune_summary(finetune(cfg)))
+    return 0
+
+
+def _tune(args) -> int:
+    from geneformer_ray.tune import format_study_summary, load_study, tune_study
+
+    study, base = load_study(args.config, args.set)  # space, ranges and budget checked before Ray starts
+    connect_ray()
+    print(format_study_summary(tune_study(study, base, resume=args.resume)))
     return 0
 
 
@@ -220,6 +231,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune_*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
     p.set_defaults(func=_finetune)
+
+    p = sub.add_parser("tune", help="hyperparameter search over a fine-tuning config: Ray Tune + Optuna TPE + ASHA")
+    p.add_argument("--config", required=True, help="study YAML (see jobs/configs/tune_*.yaml)")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a study value (repeatable)")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted study in the same folder (searcher "
+                   "state and finished trials kept; the budget counts them)")
+    p.set_defaults(func=_tune)
 
     p = sub.add_parser("predict", help="batch inference of a fine-tuned model over a corpus (Ray Data actor pool)")
     p.add_argument("--model", required=True, help="a fine-tuned model folder (…/checkpoint_…/model)")

@@ -86,16 +86,7 @@ class MlflowTracker(NullTracker):
             self.client.set_tag(self.run_id, key, str(value))
 
     def register_model(self, name: str, artifact_path: str) -> str | None:
-        """Register the artifact folder as a new version of ``name``; returns the version."""
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client.create_registered_model(name)
-        except MlflowException:
-            pass  # already registered: add a version
-        source = f"{self.client.get_run(self.run_id).info.artifact_uri}/{artifact_path}"
-        version = self.client.create_model_version(name, source=source, run_id=self.run_id)
-        return version.version
+        return register_run_artifact(self.client, self.run_id, name, artifact_path)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status=status)
@@ -111,6 +102,18 @@ def start_tracking(uri: str | None, *, experiment: str, run_name: str, rank: int
         artifact_location=artifact_location, tags=tags)
     tracker.metrics_file = Path(metrics_file) if metrics_file else None
     return tracker
+
+
+def register_run_artifact(client, run_id: str, name: str, artifact_path: str) -> str:
+    """Register a run's artifact folder as a new version of ``name``; returns the version."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.create_registered_model(name)
+    except MlflowException:
+        pass  # already registered: add a version
+    source = f"{client.get_run(run_id).info.artifact_uri}/{artifact_path}"
+    return client.create_model_version(name, source=source, run_id=run_id).version
 
 
 def log_final_model(cfg, run_name: str, summary: dict) -> str | None:

@@ -1,7 +1,7 @@
 """Hyperparameter search over fine-tuning: Ray Tune + Optuna (TPE, seeded) + ASHA, tracked in MLflow.
 
     study, base = load_study("jobs/configs/tune_cell_type.yaml", ["study.num_trials=8"])
-    summary = tune_study(study, base)      # (the `geneformer-ray tune` command comes with the end-to-end test)
+    summary = tune_study(study, base)      # geneformer-ray tune --config ... [--resume]
 
 The study config names a fine-tuning config (any task) and a search space over its fields by dotted
 name. Each trial is a Tune driver function that prepares the task and fits its own multi-worker
@@ -29,6 +29,7 @@ import yaml
 from geneformer_ray.config import FinetuneConfig, Sectioned, load_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
+TRIAL_RECORDS = "trial_records"  # <study>/trial_records/<trial id>.json, written when a trial completes
 
 
 @dataclass
@@ -42,6 +43,7 @@ class StudyConfig:
     mode: str = "max"
     searcher: str = "tpe"  # tpe (Optuna TPE) | random (Optuna random sampler)
     seed: int = 0
+    startup_trials: int | None = None  # TPE's random trials before it models; default a third of the budget (2..10)
     scheduler: str = "asha"  # asha (early stopping at evaluations) | none
     grace_period: int = 1  # evaluations a trial always gets before ASHA may stop it
     reduction_factor: int = 3
@@ -59,6 +61,8 @@ class StudyConfig:
             raise ValueError(f"study.searcher={self.searcher!r}: use tpe or random")
         if self.scheduler not in ("asha", "none"):
             raise ValueError(f"study.scheduler={self.scheduler!r}: use asha or none")
+        if self.startup_trials is not None and self.startup_trials < 1:
+            raise ValueError(f"study.startup_trials={self.startup_trials} must be at least 1 (or null)")
         if self.grace_period < 1 or self.reduction_factor < 2:
             raise ValueError("study.grace_period must be >= 1 and study.reduction_factor >= 2")
         if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
@@ -78,8 +82,14 @@ class StudyFile(Sectioned):
 
 
 def load_study(path: str | Path | None, overrides: list[str] | None = None) -> tuple[StudyFile, FinetuneConfig]:
-    """The study config and its base fine-tuning config, both checked (space keys, ranges) before any trial."""
-    study = load_config(StudyFile, path, overrides)
+    """The study config and its base fine-tuning config, both checked (space keys, ranges) before any trial.
+    Overrides of ``study.*``/``space.*`` change the study; any other section (``tracking.uri=...``,
+    ``train.num_workers=...``) is a fine-tuning override, applied after ``study.finetune_set``."""
+    finetune_sections = {f.name for f in dataclasses.fields(FinetuneConfig)}
+    ours = [o for o in overrides or [] if o.partition(".")[0].partition("=")[0] not in finetune_sections]
+    theirs = [o for o in overrides or [] if o not in ours]
+    study = load_config(StudyFile, path, ours)
+    study.study.finetune_set = [*study.study.finetune_set, *theirs]
     base_path = Path(study.study.finetune)
     if not base_path.is_absolute() and path is not None and not base_path.exists():
         base_path = Path(path).parent / base_path  # relative to the study file
@@ -164,6 +174,7 @@ def max_concurrent_trials(plan, workers_per_trial: int, cpus_per_worker: int, re
 # -- one trial (a Tune driver function) --------------------------------------------------------------
 def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir: str) -> None:
     import ray
+    import ray.data
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -172,20 +183,39 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir:
     from geneformer_ray.train.prepare import prepare_task
 
     trial_id = tune.get_context().get_trial_id()
+    ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's trial table is the progress display
+    record_path = Path(study_dir) / TRIAL_RECORDS / f"{trial_id}.json"
+    if record_path.exists():  # completed before an interruption that Tune's state did not see: report, do not retrain
+        tune.report(json.loads(record_path.read_text())["metrics"])
+        return
     cfg = apply_params(base, params)
     cfg.train.run_name = f"trial_{trial_id}"
     prepared = prepare_task(cfg)
     plan = plan_accelerator(cfg.accelerator, ray.cluster_resources())
     tags = {"trial_id": trial_id, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
     summary = _fit(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name, tags=tags,
-                   callbacks=[TuneReportCallback()])
+                   callbacks=[TuneReportCallback()], tracking_run_id=_unfinished_child_run(cfg, trial_id))
     record = {"trial_id": trial_id, "model": summary["model"], "mlflow_run_id": summary["mlflow_run_id"],
               "params": params, "metrics": {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}}
-    _write_json(Path(study_dir) / "trials" / f"{trial_id}.json", record)
+    _write_json(record_path, record)
+
+
+def _unfinished_child_run(cfg: FinetuneConfig, trial_id: str) -> str | None:
+    """The MLflow run an interrupted attempt of this trial left open: the restarted trial continues it
+    (one child run per trial, however often the study was interrupted)."""
+    if cfg.tracking_uri() is None:
+        return None
+    import mlflow
+
+    client = mlflow.MlflowClient(cfg.tracking_uri())
+    experiment = client.get_experiment_by_name(cfg.tracking.experiment)
+    runs = client.search_runs([experiment.experiment_id], filter_string=f"tags.trial_id = '{trial_id}'") if experiment else []
+    return runs[0].info.run_id if runs else None
 
 
 # -- the study (driver) --------------------------------------------------------------------------------
-def tune_study(study: StudyFile, base: FinetuneConfig) -> dict:
+def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) -> dict:
+    """Run the study (or, with ``resume``, continue an interrupted one in the same folder) and write its outputs."""
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
@@ -196,9 +226,12 @@ def tune_study(study: StudyFile, base: FinetuneConfig) -> dict:
 
     s = study.study
     study_dir = Path(s.storage_path) / s.name
-    (study_dir / "trials").mkdir(parents=True, exist_ok=True)
+    experiment = study_dir / "tune"  # Tune's own state: trials, searcher, scheduler
+    saved = _check_resume(study, study_dir, experiment, resume)
+    (study_dir / TRIAL_RECORDS).mkdir(parents=True, exist_ok=True)
     base.train.storage_path = str(study_dir)  # trials' runs, checkpoints and the MLflow store live in the study
     base.task.baseline = False
+    register_as, base.tracking.register_as = base.tracking.register_as, None  # only the best model is registered
     if not ray.is_initialized():
         ray.init()
     resources = ray.cluster_resources()
@@ -209,27 +242,37 @@ def tune_study(study: StudyFile, base: FinetuneConfig) -> dict:
     metric = s.metric or default_metric(base)
 
     parent = start_tracking(base.tracking_uri(), experiment=base.tracking.experiment, run_name=s.name, rank=0,
-                            params={"study": dataclasses.asdict(s), "space": study.space},
+                            params={"study": dataclasses.asdict(s), "space": study.space}, run_id=saved.get("mlflow_run_id"),
                             artifact_location=base.artifact_location(), tags={"geneformer.study": s.name})
-    searcher = OptunaSearch(metric=metric, mode=s.mode, sampler=_sampler(s),
-                            points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None)
-    scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
-                              reduction_factor=s.reduction_factor, max_t=10_000) if s.scheduler == "asha" else FIFOScheduler()
-    trainable = tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=parent.run_id, study_dir=str(study_dir))
-    tuner = tune.Tuner(
-        tune.with_resources(trainable, {"CPU": 1}),
-        param_space={name: _tune_dimension(spec) for name, spec in study.space.items()},
-        tune_config=tune.TuneConfig(metric=metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
-                                    num_samples=s.num_trials, max_concurrent_trials=concurrent),
-        run_config=tune.RunConfig(name="tune", storage_path=str(study_dir), verbose=1),
-    )
+    _write_json(study_dir / "study.json", {"name": s.name, "space": study.space, "num_trials": s.num_trials,
+                                           "mlflow_run_id": getattr(parent, "run_id", None)})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.to_dict(), parent_run_id=getattr(parent, "run_id", None),
+                             study_dir=str(study_dir)),
+        {"CPU": 1})
+    if resume:  # Tune restores the searcher, the scheduler and every trial's state; finished trials are not re-run
+        tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
+    else:
+        searcher = OptunaSearch(metric=metric, mode=s.mode, sampler=_sampler(s),
+                                points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None)
+        scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
+                                  reduction_factor=s.reduction_factor, max_t=10_000) if s.scheduler == "asha" else FIFOScheduler()
+        tuner = tune.Tuner(
+            trainable,
+            param_space={name: _tune_dimension(spec) for name, spec in study.space.items()},
+            tune_config=tune.TuneConfig(metric=metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
+                                        num_samples=s.num_trials, max_concurrent_trials=concurrent),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(study_dir), verbose=1),
+        )
     grid = tuner.fit()
     rows = _trial_rows(grid, study, metric, study_dir)
     _mark_child_runs(base, rows)
     summary = _write_outputs(study, base, rows, metric, study_dir)
     summary.update({"max_concurrent_trials": concurrent, "tracking_uri": base.tracking_uri(),
-                    "mlflow_run_id": parent.run_id})
+                    "mlflow_run_id": getattr(parent, "run_id", None), "resumed": resume})
     best = summary.get("best") or {}
+    if register_as and best.get("mlflow_run_id") and base.tracking_uri():
+        summary["registered_version"] = _register_best(base.tracking_uri(), best["mlflow_run_id"], register_as)
     parent.log_metrics({f"best_{metric}": best.get(metric, math.nan), "trials_completed": summary["counts"]["completed"],
                         "trials_early_stopped": summary["counts"]["early_stopped"],
                         "trials_failed": summary["counts"]["failed"], "epochs_spent": summary["epochs_spent"]}, step=0)
@@ -240,12 +283,42 @@ def tune_study(study: StudyFile, base: FinetuneConfig) -> dict:
     return summary
 
 
+def _check_resume(study: StudyFile, study_dir: Path, experiment: Path, resume: bool) -> dict:
+    """A new study never overwrites an old one; a resumed one must be the same study (same space and budget)."""
+    from ray import tune
+
+    state_file = study_dir / "study.json"
+    if not resume:
+        if experiment.exists():
+            raise ValueError(f"study folder {study_dir} already holds a study; pass --resume to continue it, "
+                             "or choose another study.name or study.storage_path")
+        return {}
+    if not tune.Tuner.can_restore(str(experiment)) or not state_file.exists():
+        raise ValueError(f"--resume: {study_dir} holds no interrupted study (no Tune state in {experiment}); "
+                         "run without --resume to start it")
+    saved = json.loads(state_file.read_text())
+    for key, now in (("space", study.space), ("num_trials", study.study.num_trials)):
+        if saved.get(key) != now:
+            raise ValueError(f"--resume: the study in {study_dir} was started with {key}={saved.get(key)!r}, not {now!r}; "
+                             "resume it with its own config, or start a new study under another study.name")
+    return saved
+
+
+def _register_best(uri: str, run_id: str, name: str) -> str:
+    import mlflow
+
+    from geneformer_ray.tracking import register_run_artifact
+
+    return str(register_run_artifact(mlflow.MlflowClient(uri), run_id, name, "model"))
+
+
 def _sampler(s: StudyConfig):
     import optuna
 
     if s.searcher == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed)
+    startup = s.startup_trials or min(10, max(2, s.num_trials // 3))  # Optuna's 10 would make a small study random
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=startup)
 
 
 def _tune_dimension(spec: dict):
@@ -266,7 +339,7 @@ def _trial_rows(grid, study: StudyFile, metric: str, study_dir: Path) -> list[di
     for result in grid:
         last = result.metrics or {}
         trial_id = last.get("trial_id") or Path(result.path).name
-        record_path = study_dir / "trials" / f"{trial_id}.json"
+        record_path = study_dir / TRIAL_RECORDS / f"{trial_id}.json"
         record = json.loads(record_path.read_text()) if record_path.exists() else {}
         history = result.metrics_dataframe
         values = history[metric].dropna().tolist() if history is not None and metric in history else []

@@ -24,7 +24,8 @@ def ray_session():
     """One local Ray instance for the whole session: 4 logical CPUs on a 2-core box."""
     import ray
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    # the dashboard serves the State API Ray Train's placement-group cleaner needs (stopped Tune trials)
+    ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=False)
     yield ray
     ray.shutdown()
 

@@ -65,3 +65,11 @@ def test_concurrent_trials_fit_the_cluster_and_leave_room_for_ray_data():
         max_concurrent_trials(gpu, 4, 1, {"CPU": 64.0, "GPU": 2.0})
     with pytest.raises(ValueError, match="lower train.num_workers"):
         max_concurrent_trials(cpu, 4, 1, {"CPU": 4.0})
+
+
+def test_fine_tuning_overrides_reach_the_trials_and_study_overrides_the_study():
+    study, base = load_study(STUDY, ["tracking.uri=none", "train.num_workers=1", "study.num_trials=2"])
+    assert base.tracking_uri() is None and base.train.num_workers == 1 and study.study.num_trials == 2
+    assert study.study.finetune_set[-2:] == ["tracking.uri=none", "train.num_workers=1"]
+    with pytest.raises(ValueError, match="startup_trials=0 must be at least 1"):
+        load_study(STUDY, ["study.startup_trials=0"])

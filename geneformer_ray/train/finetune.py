@@ -64,7 +64,7 @@ def train_loop_per_worker(config: dict) -> None:
     loss_fn = TaskLoss(kind, heads, task.get("class_weights"), task.get("loss_weights"), device)
 
     progress = {"step": 0, "epoch": 0}
-    run_id = None
+    run_id = config.get("tracking_run_id")  # a run to continue when no checkpoint names one (a restarted Tune trial)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -94,12 +94,30 @@ def train_loop_per_worker(config: dict) -> None:
                 batch["labels"] = token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
             yield batch
 
+    cached: dict[str, list] = {}
+
+    def eval_batches(name: str):
+        """This rank's stripe of a split; kept in memory after the first pass when small (validation runs
+        many times: each new Ray Data pass costs seconds of start-up)."""
+        if name in cached:
+            yield from cached[name]
+            return
+        kept, cells = [], 0
+        for batch in batches(name, 0, training=False):
+            cells += len(batch["input_ids"])
+            kept = kept if kept is not None and cells <= EVAL_CACHE_CELLS else None
+            if kept is not None:
+                kept.append(batch)
+            yield batch
+        if kept is not None:
+            cached[name] = kept
+
     def evaluate(name: str) -> dict:
         """Every rank predicts its stripe of the split; all ranks get every prediction."""
         model.eval()
         ids, true, probs, tokens = [], [], [], []
         with torch.no_grad():
-            for batch in batches(name, 0, training=False):
+            for batch in eval_batches(name):
                 with autocast(plan, device):
                     outputs = model(**to_device(batch, device, keys=("input_ids", "attention_mask")))
                 record = loss_fn.predictions(outputs, batch)
@@ -163,7 +181,7 @@ def train_loop_per_worker(config: dict) -> None:
     metrics = loss_fn.metrics(test)
     final = {"step": progress["step"], "epoch": progress["epoch"], "restarts": progress.get("restarts", 0),
              "epochs_done": progress["step"] / config["steps_per_epoch"],
-             "mlflow_run_id": tracker.run_id or "", "done": True,
+             "mlflow_run_id": tracker.run_id or "", "final": True,  # not "done": Tune ends a trial on it
              **{f"val_{k}": v for k, v in last_val.items()}, **{f"test_{k}": v for k, v in _headline(metrics).items()}}
     if ranks.rank == 0:
         files = write_test_evaluation(test, metrics, loss_fn, config)
@@ -195,6 +213,7 @@ def _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save
 
 
 TRAIN_WEIGHTS = "train_weights.pt"
+EVAL_CACHE_CELLS = 10_000  # per rank: a validation stripe up to this size is read once per run
 
 
 def _save_finetune_checkpoint(folder, model, optimizer, scheduler, vocab, progress, config, run_id) -> None:
@@ -282,7 +301,7 @@ def _cross_validate(cfg: FinetuneConfig, plan, prepared: dict) -> dict:
 
 
 def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: str, tags: dict | None = None,
-         callbacks: list | None = None) -> dict:
+         callbacks: list | None = None, tracking_run_id: str | None = None) -> dict:
     from geneformer_ray.train.common import fit
 
     datasets = _datasets(cfg, prepared, split)
@@ -295,7 +314,7 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
     loop_config = {"finetune": cfg.to_dict(), "task": task, "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
                    "vocab_name": prepared["vocab_name"], "tracking_uri": cfg.tracking_uri(), "run_name": run_name,
                    "run_dir": str(run_dir), "has_val": "val" in datasets, "artifact_location": cfg.artifact_location(),
-                   "tracking_tags": tags, "steps_per_epoch": steps_per_epoch}
+                   "tracking_tags": tags, "steps_per_epoch": steps_per_epoch, "tracking_run_id": tracking_run_id}
     result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=["train"], plan=plan,
                  num_workers=cfg.train.num_workers, run_name=run_name,
                  storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,

@@ -168,7 +168,7 @@ def train_loop_per_worker(config: dict) -> None:
              "final_loss": history[-1][1] if history else None, "val_loss": validate(),
              "weights_identical_across_ranks": len(set(checksums)) == 1,
              "mlflow_run_id": tracker.run_id or "", "restarts": progress.get("restarts", 0),
-             "resumed_from_step": progress.get("resumed_from_step"), "done": True}
+             "resumed_from_step": progress.get("resumed_from_step"), "final": True}
     if rank == 0:
         _finish_tracking(tracker, history, val_history, cfg, config["run_dir"])
     log_and_report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
