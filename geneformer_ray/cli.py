@@ -102,7 +102,8 @@ def _finetune(args) -> int:
 
 
 def _tune(args) -> int:
-    from geneformer_ray.tune import format_study_summary, load_study, tune_study
+    from geneformer_ray.tune import load_study, tune_study
+    from geneformer_ray.tune_outputs import format_study_summary
 
     study, base = load_study(args.config, args.set)  # space, ranges and budget checked before Ray starts
     connect_ray()
@@ -153,22 +154,11 @@ def _quickstart(args) -> int:
     cfg = load_config(PretrainConfig, QUICKSTART_CONFIG, overrides)
     summary = pretrain(cfg)
     _print_training_summary(summary)
-    stable = _publish_model(summary["model"], out / "model")
+    from geneformer_ray.models import publish_model
+
+    stable = publish_model(summary["model"], out / "model")
     print(f"model for fine-tuning (jobs/configs/finetune_*.yaml start here): {stable}")
     return 0
-
-
-def _publish_model(model_dir: str, target: Path) -> Path:
-    """Copy the final model to a fixed path (the checkpoint folder name changes every run), atomically."""
-    import shutil
-
-    tmp = target.with_name(f".{target.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(model_dir, tmp)
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
-    return target
 
 
 def _parse_obs(items: list[str]) -> dict[str, str]:

@@ -172,3 +172,17 @@ class MaskedGeneObjective(torch.nn.Module):
         masked = labels != -100  # (batch, seq)
         logits = self.model.cls(hidden[masked])  # (n_masked, vocab)
         return F.cross_entropy(logits.float(), labels[masked])
+
+
+def publish_model(model_dir: str | Path, target: Path) -> Path:
+    """Copy a model folder to a fixed path (checkpoint folder names change every run), atomically."""
+    import shutil
+
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(model_dir, tmp)
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+    return target
