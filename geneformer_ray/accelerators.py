@@ -208,6 +208,21 @@ def actor_resources(plan: AcceleratorPlan, *, cpus: float = 1) -> dict:
     return resources
 
 
+def default_num_actors(plan: AcceleratorPlan, cluster_resources: dict[str, float]) -> int:
+    """One model actor per NPU / GPU of the cluster; on CPUs, one per CPU but one (Ray Data reads too)."""
+    devices = {"cpu": cluster_resources.get("CPU", 2) - 1, "cuda": cluster_resources.get("GPU", 0),
+               "npu": cluster_resources.get(plan.resource or "", 0)}[plan.kind]
+    return max(1, int(devices))
+
+
+def actor_pool(num_actors: int):
+    """Ray Data's pool of model actors: work starts with the first actor up and the pool grows to
+    ``num_actors`` as devices free up (a fixed-size pool waits for all of them on a busy cluster)."""
+    import ray.data
+
+    return ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors)
+
+
 def actor_device(plan: AcceleratorPlan | dict):
     """The torch device inside a model actor: Ray pins one device per actor (index 0 of what it sees)."""
     return _select_device(_as_plan(plan), 0)

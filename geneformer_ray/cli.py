@@ -4,6 +4,8 @@
     geneformer-ray tokenize pbmc3k.h5ad --vocab gc30M --out corpus/ --obs cell_type
     geneformer-ray convert-dataset genecorpus.dataset --out corpus/
     geneformer-ray vocab gc104M
+    geneformer-ray embed --model runs/quickstart/model --corpus runs/quickstart/corpus --out runs/embed --color cell_type
+    geneformer-ray perturb --model ... --corpus ... --out runs/perturb --genes CD74 --perturbation delete
 
 Each subcommand parses its arguments and calls one library function.
 """
@@ -123,6 +125,45 @@ def _predict(args) -> int:
     return 0
 
 
+def _embed(args) -> int:
+    from geneformer_ray.accelerators import AcceleratorConfig
+    from geneformer_ray.embed import embed
+
+    connect_ray()
+    summary = embed(args.model, args.corpus, args.out, layer=args.layer, mode=args.mode, batch_size=args.batch_size,
+                    num_actors=args.actors, accelerator=AcceleratorConfig(type=args.accelerator), max_cells=args.max_cells,
+                    seed=args.seed, h5ad=args.h5ad or args.adata is not None, adata_path=args.adata, color=args.color,
+                    heatmap_by=args.heatmap_by or (args.color[0] if args.color else None),
+                    tracking_uri=args.tracking_uri, experiment=args.experiment, overwrite=args.overwrite)
+    what = f"{summary['genes']:,} genes" if args.mode == "gene" else f"{summary['cells']:,} cells"
+    print(f"{what} embedded ({args.mode}, layer {args.layer}) by {summary['actors']} {summary['device']} actor(s) in "
+          f"{summary['seconds']} s: {summary['out']}")
+    for path in [summary.get("h5ad"), *summary.get("plots", [])]:
+        if path:
+            print(f"  {path}")
+    return 0
+
+
+def _perturb(args) -> int:
+    from geneformer_ray.accelerators import AcceleratorConfig
+    from geneformer_ray.perturb import perturb
+
+    connect_ray()
+    summary = perturb(args.model, args.corpus, args.out, perturbation=args.perturbation, genes=args.genes,
+                      all_genes=args.all_genes, start_state=args.start_state, goal_state=args.goal_state, layer=args.layer,
+                      max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed, batch_size=args.batch_size,
+                      cells_per_batch=args.cells_per_batch, num_actors=args.actors,
+                      accelerator=AcceleratorConfig(type=args.accelerator), tracking_uri=args.tracking_uri,
+                      experiment=args.experiment, overwrite=args.overwrite, progress=not args.quiet)
+    if summary["genes_not_in_vocab"]:
+        print(f"skipped (not in the vocabulary): {', '.join(summary['genes_not_in_vocab'])}")
+    print(f"{summary['perturbations']:,} perturbations of {summary['cells']:,} cells ({summary['cells_resumed']:,} done "
+          f"before), {summary['genes_tested']:,} genes tested, {summary['genes_fdr_below_0.05']:,} with FDR < 0.05, "
+          f"{summary['seconds']} s")
+    print(f"  {summary['out']}/gene_stats.csv\n  {summary['out']}/shift_vs_significance.png")
+    return 0
+
+
 def _print_training_summary(summary: dict) -> None:
     m = summary["metrics"]
     print(f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> {m.get('final_loss') or float('nan'):.4f}"
@@ -239,6 +280,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
     p.set_defaults(func=_predict)
 
+    p = sub.add_parser("embed", help="cell or gene embeddings (Ray Data actor pool), UMAP and heatmap plots, .h5ad copy")
+    p.add_argument("--model", required=True, help="model folder (pretrained or fine-tuned; a Geneformer checkpoint)")
+    p.add_argument("--corpus", required=True, help="corpus folder (same vocabulary as the model)")
+    p.add_argument("--out", required=True, help="output folder: embeddings/*.parquet or gene_embeddings.parquet, plots")
+    p.add_argument("--layer", type=int, default=-1, help="0 = last layer, -1 = second to last (default), ...")
+    p.add_argument("--mode", choices=["mean", "cls", "gene"], default="mean",
+                   help="mean of gene tokens | <cls> state (V2) | per-gene mean and median over cells")
+    p.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many cells")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--h5ad", action="store_true", help="also write an .h5ad copy of the tokenized file with obsm['X_geneformer']")
+    p.add_argument("--adata", default=None, help="the .h5ad to copy (default: the corpus' own source file); implies --h5ad")
+    p.add_argument("--color", action="append", default=[], metavar="COLUMN", help="UMAP coloured by this column (repeatable)")
+    p.add_argument("--heatmap-by", default=None, metavar="COLUMN", help="heatmap grouped by this column (default: the first --color)")
+    _inference_args(p, default_batch=32, experiment="geneformer-embed")
+    p.set_defaults(func=_embed)
+
+    p = sub.add_parser("perturb", help="in-silico deletion / over-expression: embedding shifts per gene, statistics, plot")
+    p.add_argument("--model", required=True, help="model folder (pretrained or fine-tuned; a Geneformer checkpoint)")
+    p.add_argument("--corpus", required=True, help="corpus folder (same vocabulary as the model)")
+    p.add_argument("--out", required=True, help="output folder (resumable: re-run the same command to continue)")
+    genes = p.add_mutually_exclusive_group(required=True)
+    genes.add_argument("--genes", nargs="+", metavar="GENE", help="Ensembl IDs or symbols to perturb")
+    genes.add_argument("--all-genes", action="store_true", help="perturb every gene of each cell")
+    p.add_argument("--perturbation", choices=["delete", "overexpress"], required=True)
+    p.add_argument("--start-state", default=None, metavar="COL=VALUE", help="perturb cells of this state ...")
+    p.add_argument("--goal-state", default=None, metavar="COL=VALUE", help="... and measure their shift towards this one")
+    p.add_argument("--layer", type=int, default=-1, help="0 = last layer, -1 = second to last (default), ...")
+    p.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many (start-state) cells")
+    p.add_argument("--null-genes", type=int, default=5, help="random genes per cell perturbed as the null (default 5)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cells-per-batch", type=int, default=8, help="cells per actor call and part file")
+    p.add_argument("--quiet", action="store_true")
+    _inference_args(p, default_batch=64, experiment="geneformer-perturb")
+    p.set_defaults(func=_perturb)
+
     p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU workers")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=200)
@@ -247,6 +323,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_quickstart)
     return parser
+
+
+def _inference_args(p, *, default_batch: int, experiment: str) -> None:
+    p.add_argument("--batch-size", type=int, default=default_batch, help="sequences per forward pass")
+    p.add_argument("--actors", type=int, default=None, help="model actors (default: one per NPU/GPU, or CPUs - 1)")
+    p.add_argument("--accelerator", default="auto", choices=["auto", "npu", "cuda", "cpu"])
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: log parameters, plots and tables there")
+    p.add_argument("--experiment", default=experiment, help="MLflow experiment")
+    p.add_argument("--overwrite", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -269,6 +269,7 @@ class FinetuneTrainConfig:
     seed: int = 0
     log_every: int = 10
     eval_every: int | None = None  # steps between validation runs; None = at the end of every epoch
+    evals_per_epoch: int | None = None  # or: this many validation runs per epoch, whatever the batch size (HPO)
     max_failures: int = 1
     num_checkpoints_to_keep: int = 1
     run_name: str = "finetune"  # re-running with the same name and storage_path resumes
@@ -280,6 +281,9 @@ class FinetuneTrainConfig:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"train.eval_every={self.eval_every} must be at least 1 (or null: every epoch)")
+        if self.evals_per_epoch is not None and (self.evals_per_epoch < 1 or self.eval_every is not None):
+            raise ValueError(f"train.evals_per_epoch={self.evals_per_epoch} must be at least 1, and not set together "
+                             f"with train.eval_every={self.eval_every} (one of the two, or neither: every epoch)")
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps={self.max_steps} must be at least 1 (or null for whole epochs)")
 

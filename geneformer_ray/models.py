@@ -117,9 +117,10 @@ def model_vocab(config, vocab: Vocabulary | str | None = None) -> Vocabulary:
     return vocab
 
 
-def load_model(path: str | Path, *, vocab: Vocabulary | str | None = None, model_class=None):
+def load_model(path: str | Path, *, vocab: Vocabulary | str | None = None, model_class=None, **kwargs):
     """Load a checkpoint folder (ours or a published Geneformer one: ``config.json`` + ``model.safetensors``
-    or ``pytorch_model.bin``). Returns ``(model, vocabulary)``. No network access: a path only."""
+    or ``pytorch_model.bin``). Returns ``(model, vocabulary)``. No network access: a path only; ``kwargs``
+    go to ``from_pretrained``."""
     from transformers import AutoConfig, BertForMaskedLM
 
     path = Path(path)
@@ -129,7 +130,7 @@ def load_model(path: str | Path, *, vocab: Vocabulary | str | None = None, model
         raise ValueError(f"{path} has a config.json but no model.safetensors or pytorch_model.bin")
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     vocab = model_vocab(config, vocab)
-    model = (model_class or BertForMaskedLM).from_pretrained(path, local_files_only=True)
+    model = (model_class or BertForMaskedLM).from_pretrained(path, local_files_only=True, **kwargs)
     return model, vocab
 
 

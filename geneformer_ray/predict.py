@@ -104,7 +104,7 @@ def predict(model_dir: str | Path, corpus: str | Path, out: str | Path, *, batch
     import ray.data
     from transformers import AutoConfig
 
-    from geneformer_ray.accelerators import actor_resources, plan_accelerator
+    from geneformer_ray.accelerators import actor_pool, actor_resources, default_num_actors, plan_accelerator
     from geneformer_ray.corpus import discard_output, finalize_output, prepare_output, read_corpus, read_manifest
     from geneformer_ray.models import check_corpus_vocab, model_vocab
 
@@ -117,15 +117,13 @@ def predict(model_dir: str | Path, corpus: str | Path, out: str | Path, *, batch
     if not ray.is_initialized():
         ray.init()
     plan = plan_accelerator(accelerator or AcceleratorConfig(), ray.cluster_resources())
-    devices = {"cpu": max(1, int(ray.cluster_resources().get("CPU", 2)) - 1), "cuda": ray.cluster_resources().get("GPU", 0),
-               "npu": ray.cluster_resources().get(plan.resource or "", 0)}[plan.kind]
-    num_actors = num_actors or max(1, int(devices))
+    num_actors = num_actors or default_num_actors(plan, ray.cluster_resources())
     tmp = prepare_output(out, overwrite=overwrite)
     try:
         ds = read_corpus(corpus, columns=["input_ids", "length", "cell_id"]).map_batches(
             Classifier, fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "plan": plan.to_dict(),
                                                "pad_id": vocab.pad_id, "batch_size": batch_size},
-            batch_size=max(256, batch_size), batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=num_actors),
+            batch_size=max(256, batch_size), batch_format="numpy", compute=actor_pool(num_actors),
             **actor_resources(plan))
         if kind == "gene":
             sums = ["cells"] + [f"sum_prob_{n}" for n in heads["label"]]

@@ -128,6 +128,14 @@ class Vocabulary:
 
     # -- gene ID mapping ----------------------------------------------------------------------
     @cached_property
+    def gene_symbols(self) -> dict[str, str]:
+        """Ensembl ID -> a symbol (the first in sorted order, where several name one gene): for people to read."""
+        symbols: dict[str, str] = {}
+        for symbol, gene in sorted(self.gene_names.items()):
+            symbols.setdefault(gene, symbol)
+        return symbols
+
+    @cached_property
     def _upper_names(self) -> dict[str, str]:
         upper: dict[str, str] = {}
         for symbol, gene in self.gene_names.items():

@@ -205,3 +205,13 @@ def test_bad_fine_tuning_input_is_refused_before_workers_start(corpus, tmp_path,
         prepare_task(_cfg(corpus, f"model.init_from={head}", "task.min_class_size=1"))
     with pytest.raises(ValueError, match="task.kind=multitask needs task.label_columns"):
         _cfg(corpus, "task.kind=multitask")
+
+
+def test_evaluations_per_epoch_or_every_n_steps_not_both():
+    cfg = load_config(FinetuneConfig, None, ["data.corpus=c", "task.label_column=y", "train.evals_per_epoch=4"])
+    assert cfg.train.evals_per_epoch == 4 and cfg.train.eval_every is None
+    for bad, message in (("train.evals_per_epoch=0", "must be at least 1"),
+                         ("train.eval_every=20", r"not set together with train.eval_every=20")):
+        extra = ["train.evals_per_epoch=4"] if "eval_every" in bad else []
+        with pytest.raises(ValueError, match=message):
+            load_config(FinetuneConfig, None, ["data.corpus=c", "task.label_column=y", bad, *extra])

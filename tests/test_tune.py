@@ -34,7 +34,7 @@ def _study_file(tmp_path: Path, corpus: Path, tracking_uri: str) -> Path:
                 f"data.corpus={corpus}", "data.max_cells=400", "data.batch_size=16", "model.init_from=null",
                 "model.flavour=tiny", "task.label_column=lineage",
                 "task.derived_columns=" + json.dumps(derived), "task.baseline=false",
-                "train.epochs=1", "train.eval_every=4", "train.max_failures=0", "optim.warmup_steps=2",
+                "train.epochs=1", "train.evals_per_epoch=2", "train.max_failures=0", "optim.warmup_steps=2",
                 f"tracking.uri={tracking_uri}", "tracking.register_as=gf-tiny-lineage-tuned",
             ],
             "name": "lineage", "storage_path": str(tmp_path / "studies"), "num_trials": 3,

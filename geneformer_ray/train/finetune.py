@@ -166,14 +166,14 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics({"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                                      "cells_per_s": cells * ranks.world / elapsed}, step=step)
                 window = {"loss": [], "start": time.perf_counter(), "cells": 0}
-            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or done:
+            if (config["eval_every"] and step % config["eval_every"] == 0) or done:
                 last_val = _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save, progress)
             if done:
                 break
         if not done:
             progress["epoch"] += 1
             done = progress["epoch"] >= cfg.train.epochs
-            if not cfg.train.eval_every or done:
+            if not config["eval_every"] or done:
                 last_val = _validate(evaluate, loss_fn, config, tracker, progress["step"], val_history, ranks, save, progress)
 
     # final: test predictions and evaluation (rank 0 writes), the final checkpoint reported by all
@@ -309,12 +309,15 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
     run_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = max(1, split["num_train"] // (cfg.data.batch_size * cfg.train.num_workers))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
+    per_epoch = cfg.train.evals_per_epoch
+    eval_every = cfg.train.eval_every or (max(1, steps_per_epoch // per_epoch) if per_epoch else None)  # None: epoch ends
     task = {"kind": cfg.task.kind, "heads": prepared["heads"], "class_weights": split.get("class_weights"),
             "loss_weights": dict(cfg.task.loss_weights), "token_classes": split.get("token_classes", {})}
     loop_config = {"finetune": cfg.to_dict(), "task": task, "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
                    "vocab_name": prepared["vocab_name"], "tracking_uri": cfg.tracking_uri(), "run_name": run_name,
                    "run_dir": str(run_dir), "has_val": "val" in datasets, "artifact_location": cfg.artifact_location(),
-                   "tracking_tags": tags, "steps_per_epoch": steps_per_epoch, "tracking_run_id": tracking_run_id}
+                   "tracking_tags": tags, "steps_per_epoch": steps_per_epoch, "tracking_run_id": tracking_run_id,
+                   "eval_every": eval_every}
     result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=["train"], plan=plan,
                  num_workers=cfg.train.num_workers, run_name=run_name,
                  storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,
