@@ -72,7 +72,7 @@ def _names(tokens, vocab, *, symbols: bool) -> list[str]:
 
 
 def plot_significance(stats, path: str | Path, *, metric: str, title: str, fdr: float = 0.05, label_top: int = 12) -> Path:
-    """Each gene's mean shift (x) against -log10 FDR (y); genes under ``fdr`` highlighted, the top named."""
+    """Each gene's mean shift (x) against -log10 FDR (y); genes under ``fdr`` highlighted, the top ones named."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
     tested = stats[stats["fdr"].notna()]
@@ -81,7 +81,7 @@ def plot_significance(stats, path: str | Path, *, metric: str, title: str, fdr: 
     hit = tested["fdr"].to_numpy() < fdr
     ax.scatter(x[~hit], y[~hit], s=10, color="0.6", linewidths=0, label=f"FDR >= {fdr}")
     ax.scatter(x[hit], y[hit], s=14, color="tab:red", linewidths=0, label=f"FDR < {fdr} ({hit.sum()})")
-    for _, row in tested.head(label_top).iterrows():
+    for _, row in tested[hit].head(label_top).iterrows():  # the most significant hits, by name
         ax.annotate(row["symbol"] or row["gene"], (row[f"mean_{metric}"], -np.log10(max(row["fdr"], 1e-300))), fontsize=7,
                     xytext=(3, 2), textcoords="offset points")
     if len(tested):
