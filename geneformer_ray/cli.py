@@ -274,10 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="a fine-tuned model folder (…/checkpoint_…/model)")
     p.add_argument("--corpus", required=True, help="corpus folder (same vocabulary as the model)")
     p.add_argument("--out", required=True, help="output folder: predictions/*.parquet (or gene_predictions.parquet) + summary.json")
-    p.add_argument("--batch-size", type=int, default=32, help="cells per forward pass")
-    p.add_argument("--actors", type=int, default=None, help="model actors (default: one per NPU/GPU, or CPUs - 1)")
-    p.add_argument("--accelerator", default="auto", choices=["auto", "npu", "cuda", "cpu"])
-    p.add_argument("--overwrite", action="store_true")
+    _actor_args(p, default_batch=32)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("embed", help="cell or gene embeddings (Ray Data actor pool), UMAP and heatmap plots, .h5ad copy")
@@ -325,13 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _inference_args(p, *, default_batch: int, experiment: str) -> None:
+def _actor_args(p, *, default_batch: int) -> None:
     p.add_argument("--batch-size", type=int, default=default_batch, help="sequences per forward pass")
     p.add_argument("--actors", type=int, default=None, help="model actors (default: one per NPU/GPU, or CPUs - 1)")
     p.add_argument("--accelerator", default="auto", choices=["auto", "npu", "cuda", "cpu"])
+    p.add_argument("--overwrite", action="store_true")
+
+
+def _inference_args(p, *, default_batch: int, experiment: str) -> None:
+    _actor_args(p, default_batch=default_batch)
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: log parameters, plots and tables there")
     p.add_argument("--experiment", default=experiment, help="MLflow experiment")
-    p.add_argument("--overwrite", action="store_true")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,6 +62,18 @@ def discard_output(tmp: Path) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write a small file under a temporary name, then rename: readers see the old file or the new one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def write_json(path: Path, value: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(path, json.dumps(value, indent=2) + "\n")
+
+
 # -- manifest -------------------------------------------------------------------------------------
 def write_manifest(tmp: Path, *, vocab: Vocabulary, shard_files: list[Path], sources: list[dict],
                    summary: dict, settings: dict) -> dict:

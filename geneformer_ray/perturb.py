@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from geneformer_ray.accelerators import AcceleratorConfig
+from geneformer_ray.corpus import write_json, write_text_atomic
 from geneformer_ray.embed import CellEncoder, length_sorted_chunks
 from geneformer_ray.perturb_stats import ORIGINAL  # the row recording an unperturbed cell (its similarity to the goal)
 
@@ -226,7 +227,7 @@ def perturb(model_dir: str | Path, corpus: str | Path, out: str | Path, *, pertu
     if goal and goal_embedding is None:
         goal_cells = select_cells(corpus, max_cells=max_state_cells, where=tuple(goal), seed=seed)
         goal_embedding = mean_embedding(model_dir, corpus, goal_cells, layer=layer, plan=plan, num_actors=num_actors)
-    _write_json(out / "perturb.json", {"params": asdict(params), "goal_embedding": goal_embedding,
+    write_json(out / "perturb.json", {"params": asdict(params), "goal_embedding": goal_embedding,
                                        "genes_not_in_vocab": skipped})
     if todo:
         _run(model_dir, corpus, out, plan, params, todo, goal_embedding, batch_size=batch_size,
@@ -235,9 +236,7 @@ def perturb(model_dir: str | Path, corpus: str | Path, out: str | Path, *, pertu
 
     shifts = read_shifts(out / "shifts")
     stats = gene_statistics(shifts, vocab, metric="goal_shift" if goal else "shift")
-    tmp = out / ".gene_stats.csv.tmp"
-    stats.to_csv(tmp, index=False)
-    tmp.replace(out / "gene_stats.csv")
+    write_text_atomic(out / "gene_stats.csv", stats.to_csv(index=False))
     plot_significance(stats, out / "shift_vs_significance.png", metric="goal_shift" if goal else "shift",
                       title=f"{perturbation}, {Path(model_dir).name}, {len(cell_ids):,} cells")
     cells = int(shifts.loc[shifts["gene_token"] == ORIGINAL, "cell_id"].nunique())
@@ -248,7 +247,7 @@ def perturb(model_dir: str | Path, corpus: str | Path, out: str | Path, *, pertu
                "seconds": round(time.perf_counter() - started, 1), "out": str(out)}
     if genes:
         summary["genes_not_in_any_cell"] = sorted(set(genes) - set(stats["gene"]))
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     if tracking_uri:
         from geneformer_ray.embed import log_outputs
 
@@ -346,9 +345,3 @@ def _finished_cells(out: Path) -> set[str]:
     for part in sorted((out / "shifts").glob("part-*.parquet")):
         done.update(pq.read_table(part, columns=["cell_id"]).column(0).to_pylist())
     return done
-
-
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)

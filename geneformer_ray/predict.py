@@ -62,10 +62,10 @@ class Classifier:
 
         import torch
 
-        order = np.argsort(-np.asarray(batch["length"]), kind="stable")  # similar lengths pad little
+        from geneformer_ray.embed import length_sorted_chunks
+
         parts: list[dict] = []
-        for start in range(0, order.size, self.batch_size):
-            rows = order[start : start + self.batch_size]
+        for rows in length_sorted_chunks(batch["length"], self.batch_size):
             input_ids, attention_mask = pad_cells([batch["input_ids"][i] for i in rows], pad_id=self.pad_id,
                                                   multiple=self.pad_multiple, max_width=self.model.config.max_position_embeddings)
             with torch.inference_mode(), autocast(self.plan, self.device):  # per call: actors run batches in threads

@@ -178,7 +178,7 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir:
     from geneformer_ray.accelerators import plan_accelerator
     from geneformer_ray.train.finetune import _fit
     from geneformer_ray.train.prepare import prepare_task
-    from geneformer_ray.tune_outputs import write_json
+    from geneformer_ray.corpus import write_json
 
     trial_id = tune.get_context().get_trial_id()
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's trial table is the progress display
@@ -217,7 +217,8 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
 
     from geneformer_ray.accelerators import cluster_check, plan_accelerator
     from geneformer_ray.tracking import start_tracking
-    from geneformer_ray.tune_outputs import mark_child_runs, trial_rows, write_json, write_outputs
+    from geneformer_ray.corpus import write_json
+    from geneformer_ray.tune_outputs import mark_child_runs, trial_rows, write_outputs
 
     s = study.study
     study_dir = Path(s.storage_path) / s.name

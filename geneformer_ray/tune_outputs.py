@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from geneformer_ray.config import FinetuneConfig, load_config
+from geneformer_ray.corpus import write_text_atomic
 from geneformer_ray.models import publish_model
 from geneformer_ray.tune import TRIAL_RECORDS, StudyFile, apply_params
 
@@ -78,7 +79,7 @@ def write_outputs(study: StudyFile, base: FinetuneConfig, rows: list[dict], metr
         original = load_config(FinetuneConfig, s.finetune, s.finetune_set)
         cfg.train.storage_path, cfg.train.run_name = original.train.storage_path, f"{s.name}_best"
         cfg.task.baseline = original.task.baseline
-        _write_text(study_dir / "best_config.yaml",
+        write_text_atomic(study_dir / "best_config.yaml",
                     f"# best trial {best['trial_id']} of study {s.name}: {metric} {best[metric]:.4f}\n"
                     f"#   geneformer-ray finetune --config {study_dir / 'best_config.yaml'}\n"
                     + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
@@ -143,17 +144,6 @@ def _write_csv(path: Path, rows: list[dict]) -> None:
         writer.writeheader()
         writer.writerows(rows)
     tmp.rename(path)
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.rename(path)
-
-
-def write_json(path: Path, value: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text(path, json.dumps(value, indent=2) + "\n")
 
 
 def format_study_summary(summary: dict) -> str:
