@@ -1,13 +1,13 @@
 """Hyperparameter search: Optuna TPE + ASHA vs random search without early stopping, same budget, one run.
 
     geneformer-ray quickstart                       # the pretrained model and corpus the search starts from
-    python benchmarks/hpo_bench.py [--trials 12] [--max-cells 1200] [--model runs/quickstart/model]
+    python benchmarks/hpo_bench.py [--trials 20] [--max-cells 1200] [--reduction-factor 4] [--model runs/quickstart/model]
 
 Task: PBMC3k cell types (jobs/configs/finetune_cell_type.yaml) from the quickstart's model, 2 CPU workers per
 trial, a fifth of the cells for validation. Both studies search the same space (learning rate, warmup, weight
 decay, schedule, frozen layers, dropout, batch size, epochs) with the same seed and trial budget:
   (a) Optuna TPE (through Ray Tune's OptunaSearch) + ASHA, validating 4 times per epoch; ASHA's rungs come
-      at 1, 3 and 9 evaluations (a quarter, three quarters and 2.25 epochs);
+      at 1, rf and rf^2 evaluations (``--reduction-factor`` rf, 4 by default: a quarter, one and four epochs);
   (b) Optuna's random sampler, every trial trained to its sampled number of epochs and validated at the end
       of each epoch (it needs no earlier evaluations, so it is not charged for them).
 Prints one JSON line: per study the best validation macro-F1, the test macro-F1 of that trial's model,
@@ -51,7 +51,7 @@ def run_study(name: str, searcher: str, scheduler: str, args, workdir: Path) -> 
                                         f"train.evals_per_epoch={4 if scheduler == 'asha' else 1}",
                                         "tracking.uri=none", "train.max_failures=0"],
                        "name": name, "storage_path": str(workdir), "num_trials": args.trials, "searcher": searcher,
-                       "scheduler": scheduler, "seed": args.seed, "grace_period": 1, "reduction_factor": 3,
+                       "scheduler": scheduler, "seed": args.seed, "grace_period": 1, "reduction_factor": args.reduction_factor,
                        "max_concurrent_trials": 1},
              "space": SPACE}
     path = workdir / f"{name}.yaml"
@@ -71,11 +71,12 @@ def run_study(name: str, searcher: str, scheduler: str, args, workdir: Path) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--trials", type=int, default=12, help="trial budget of each study")
+    parser.add_argument("--trials", type=int, default=20, help="trial budget of each study")
     parser.add_argument("--max-cells", type=int, default=1200, help="PBMC3k cells used (seeded subsample)")
     parser.add_argument("--model", default=str(REPO / "runs" / "quickstart" / "model"))
     parser.add_argument("--corpus", default=str(REPO / "runs" / "quickstart" / "corpus"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--reduction-factor", type=int, default=4, help="ASHA: rungs at 1, rf, rf^2 evaluations; top 1/rf go on")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gf-hpo-bench"))
     args = parser.parse_args()
     for what, path in (("--model", args.model), ("--corpus", args.corpus)):
@@ -95,7 +96,7 @@ def main() -> None:
         ray.shutdown()
     print(json.dumps({
         "task": "PBMC3k cell_type, quickstart model, 2 CPU workers per trial", "trials_each": args.trials,
-        "max_cells": args.max_cells, "tpe_asha": a, "random_no_early_stopping": b,
+        "max_cells": args.max_cells, "reduction_factor": args.reduction_factor, "tpe_asha": a, "random_no_early_stopping": b,
         "macro_f1_gap": round(a["best_val_macro_f1"] - b["best_val_macro_f1"], 4),
         "epochs_ratio": round(a["epochs_spent"] / b["epochs_spent"], 3) if b["epochs_spent"] else None,
         "target_met": bool(a["best_val_macro_f1"] >= b["best_val_macro_f1"] - 0.01

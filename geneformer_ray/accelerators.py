@@ -30,8 +30,15 @@ class AcceleratorConfig:
     precision: str = "auto"  # auto (bf16 on NPU/CUDA, fp32 on CPU) | bf16 | fp32
     timeout_s: int = 2400  # process-group timeout; must exceed the HCCL timeouts
     env: dict[str, str] = field(default_factory=dict)  # extra worker env, e.g. HCCL_SOCKET_IFNAME, HCCL_BUFFSIZE
+    # custom Ray resources each worker / model actor also asks for: pin work to labelled nodes, or
+    # simulate accelerator nodes on CPU boxes ({"FAKE_NPU": 1} on nodes started with that resource)
+    worker_resources: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self):
+        for name, amount in self.worker_resources.items():
+            if name in ("CPU", "GPU", "memory") or not amount or float(amount) <= 0:
+                raise ValueError(f"accelerator.worker_resources[{name!r}]={amount!r}: name a custom Ray resource with a "
+                                 "positive amount (CPUs: accelerator.cpus_per_worker; GPUs/NPUs: accelerator.type)")
         if self.type not in ("auto", *BACKENDS):
             raise ValueError(f"accelerator.type={self.type!r}: use auto, npu, cuda or cpu")
         if self.precision not in ("auto", "bf16", "fp32"):
@@ -52,6 +59,7 @@ class AcceleratorPlan:
     timeout_s: int
     env: dict[str, str]
     ray_sets_visible_devices: bool  # Ray pins one device per worker (ASCEND_RT_/CUDA_VISIBLE_DEVICES)
+    extra_resources: dict[str, float] = field(default_factory=dict)  # custom resources per worker / actor
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -90,12 +98,13 @@ def plan_accelerator(config: AcceleratorConfig, cluster_resources: dict[str, flo
         kind=kind, backend=BACKENDS[kind], resource=resource, cpus_per_worker=config.cpus_per_worker,
         autocast_dtype="bfloat16" if precision == "bf16" else None, timeout_s=config.timeout_s, env=env,
         ray_sets_visible_devices=kind == "cuda" or resource == "NPU",
+        extra_resources={k: float(v) for k, v in config.worker_resources.items()},
     )
 
 
 def scaling_kwargs(plan: AcceleratorPlan, num_workers: int, *, placement_strategy: str = "PACK") -> dict:
     """Arguments of ``ray.train.ScalingConfig``: one accelerator per worker."""
-    resources = {"CPU": plan.cpus_per_worker}
+    resources = {"CPU": plan.cpus_per_worker, **plan.extra_resources}
     if plan.kind == "npu":
         resources[plan.resource] = 1
     return {"num_workers": num_workers, "use_gpu": plan.kind == "cuda", "resources_per_worker": resources,
@@ -122,7 +131,9 @@ def cluster_check(plan: AcceleratorPlan, num_workers: int, cluster_resources: di
             raise ValueError(
                 f"{num_workers} workers need {per_worker * num_workers:g} {name}"
                 + (" plus 1 CPU left for Ray Data" if spare else "")
-                + f", but the cluster has {have:g}; lower train.num_workers or accelerator.cpus_per_worker"
+                + f", but the cluster has {have:g}; lower train.num_workers"
+                + (" or accelerator.cpus_per_worker" if name == "CPU" else
+                   f" or start more nodes with the {name!r} resource" if name in plan.extra_resources else "")
             )
 
 
@@ -201,10 +212,13 @@ def autocast(plan: AcceleratorPlan | dict, device):
 def actor_resources(plan: AcceleratorPlan, *, cpus: float = 1) -> dict:
     """``map_batches`` resources of one model actor: one NPU or GPU each, or CPUs only."""
     resources = {"num_cpus": cpus}
+    custom = dict(plan.extra_resources)
     if plan.kind == "cuda":
         resources["num_gpus"] = 1
     elif plan.kind == "npu":
-        resources["resources"] = {plan.resource: 1}
+        custom[plan.resource] = 1
+    if custom:
+        resources["resources"] = custom
     return resources
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -25,8 +26,6 @@ def connect_ray() -> None:
     """Join the Ray cluster this runs in (``ray job submit`` sets RAY_ADDRESS; a node started with
     ``ray start`` is found); with none, start a local one with at least 4 logical CPUs, because 2
     training workers plus Ray Data need 3+ even on a 2-core machine."""
-    import os
-
     import ray
 
     if ray.is_initialized():
@@ -331,7 +330,8 @@ def _actor_args(p, *, default_batch: int) -> None:
 
 def _inference_args(p, *, default_batch: int, experiment: str) -> None:
     _actor_args(p, default_batch=default_batch)
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI: log parameters, plots and tables there")
+    p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
+                   help="MLflow tracking URI: log parameters, plots and tables there (default: $MLFLOW_TRACKING_URI, else none)")
     p.add_argument("--experiment", default=experiment, help="MLflow experiment")
 
 

@@ -10,6 +10,7 @@ the field and the fix. Unknown keys are errors (a typo would otherwise silently 
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -81,6 +82,16 @@ class OptimConfig:
             raise ValueError("optim.lr must be > 0, optim.warmup_steps >= 0, optim.grad_accum_steps >= 1")
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def check_placement(strategy: str) -> None:
+    """Ray's placement-group strategies for the training workers."""
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"train.placement_strategy={strategy!r}: use one of {', '.join(PLACEMENT_STRATEGIES)} "
+                         "(SPREAD: one worker per node where it can)")
+
+
 @dataclass
 class TrainConfig:
     num_workers: int = 2  # one per accelerator
@@ -95,18 +106,20 @@ class TrainConfig:
     max_failures: int = 1  # worker failures survived by restarting from the latest checkpoint
     run_name: str = "pretrain"  # re-running with the same name and storage_path resumes
     storage_path: str = "runs"  # multi-node: shared storage (NFS or S3-compatible) visible to every node
+    placement_strategy: str = "PACK"  # PACK fills a node first; SPREAD puts workers on different nodes
 
     def validate(self):
         for name in ("num_workers", "epochs", "log_every", "val_every", "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        check_placement(self.placement_strategy)
         if self.max_steps is not None and self.max_steps < 1:
             raise ValueError(f"train.max_steps={self.max_steps} must be at least 1 (or null for whole epochs)")
 
 
 @dataclass
 class TrackingConfig:
-    uri: str | None = None  # MLflow tracking URI; default sqlite:///<storage_path>/mlflow.db; http://head:5000 for a server;
+    uri: str | None = None  # MLflow tracking URI; default $MLFLOW_TRACKING_URI, else sqlite:///<storage_path>/mlflow.db;
     #                         "none": no MLflow (metrics still go to <run folder>/metrics.jsonl)
     experiment: str = "geneformer-pretrain"
     register_as: str | None = None  # registered model name for the final model
@@ -134,14 +147,19 @@ class Sectioned:
 class _Sections(Sectioned):
     """Training configs: sections plus the tracking defaults beside the run's storage."""
 
+    def _given_uri(self) -> str | None:
+        """tracking.uri, else the cluster's MLflow server from MLFLOW_TRACKING_URI (cluster/ sets it on every node)."""
+        return self.tracking.uri or os.environ.get("MLFLOW_TRACKING_URI") or None
+
     def tracking_uri(self) -> str | None:
-        if self.tracking.uri and self.tracking.uri.lower() == "none":
+        uri = self._given_uri()
+        if uri and uri.lower() == "none":
             return None  # MLflow off
-        return self.tracking.uri or f"sqlite:///{Path(self.train.storage_path).absolute() / 'mlflow.db'}"
+        return uri or f"sqlite:///{Path(self.train.storage_path).absolute() / 'mlflow.db'}"
 
     def artifact_location(self) -> str | None:
         """Explicit, or beside the sqlite store: MLflow's default is relative to each worker's cwd."""
-        if self.tracking.artifact_location or self.tracking.uri:
+        if self.tracking.artifact_location or self._given_uri():
             return self.tracking.artifact_location  # also None when MLflow is off
         return (Path(self.train.storage_path).absolute() / "mlartifacts").as_uri()
 
@@ -274,11 +292,13 @@ class FinetuneTrainConfig:
     num_checkpoints_to_keep: int = 1
     run_name: str = "finetune"  # re-running with the same name and storage_path resumes
     storage_path: str = "runs"  # multi-node: shared storage
+    placement_strategy: str = "PACK"  # or SPREAD: workers on different nodes
 
     def validate(self):
         for name in ("num_workers", "epochs", "log_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name}={getattr(self, name)} must be at least 1")
+        check_placement(self.placement_strategy)
         if self.eval_every is not None and self.eval_every < 1:
             raise ValueError(f"train.eval_every={self.eval_every} must be at least 1 (or null: every epoch)")
         if self.evals_per_epoch is not None and (self.evals_per_epoch < 1 or self.eval_every is not None):

@@ -49,8 +49,8 @@ class MlflowTracker(NullTracker):
                  artifact_location: str | None = None, tags: dict | None = None):
         import mlflow
 
-        self.mlflow = mlflow
-        mlflow.set_tracking_uri(uri)
+        # a client of its own: mlflow.set_tracking_uri would also set MLFLOW_TRACKING_URI for the whole process,
+        # which configs read as the cluster's default server
         self.client = mlflow.MlflowClient(tracking_uri=uri)
         if run_id is None:
             experiment_obj = self.client.get_experiment_by_name(experiment)

@@ -50,6 +50,12 @@ class Ranks:
             tensor /= self.world
         return tensor.tolist()
 
+    def nodes(self) -> list[str]:
+        """The Ray node id of every rank, by rank: where the placement group put the workers."""
+        import ray
+
+        return self.gather(ray.get_runtime_context().get_node_id())
+
     def gather(self, obj) -> list:
         """Every rank's object, on every rank (gloo/hccl/nccl all support object collectives)."""
         if not self.distributed:
@@ -89,9 +95,10 @@ def report(metrics: dict, *, rank: int, save=None) -> None:
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp) if rank == 0 else None)
 
 
-def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: list[str], plan, num_workers: int,
-        run_name: str, storage_path: str, max_failures: int, num_checkpoints_to_keep: int, callbacks: list | None = None):
-    """Build and fit the ``TorchTrainer`` of a run; returns the ``Result`` (raises the run's error)."""
+def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: list[str], plan, train_cfg,
+        run_name: str | None = None, callbacks: list | None = None):
+    """Build and fit the ``TorchTrainer`` of a run from the ``train`` section (workers, placement,
+    storage, failures; ``run_name`` overrides its name, e.g. per fold); returns the ``Result`` (raises the run's error)."""
     from pathlib import Path
 
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
@@ -104,14 +111,14 @@ def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: lis
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(**scaling_kwargs(plan, num_workers)),
+        scaling_config=ScalingConfig(**scaling_kwargs(plan, train_cfg.num_workers, placement_strategy=train_cfg.placement_strategy)),
         torch_config=torch_config(plan),
         datasets=datasets,
         dataset_config=DataConfig(datasets_to_split=datasets_to_split, execution_options=ingest),
         run_config=RunConfig(
-            name=run_name, storage_path=str(Path(storage_path).absolute()),
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=num_checkpoints_to_keep),
+            name=run_name or train_cfg.run_name, storage_path=str(Path(train_cfg.storage_path).absolute()),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=train_cfg.num_checkpoints_to_keep),
             worker_runtime_env={"env_vars": plan.env} if plan.env else None,
             callbacks=callbacks,  # e.g. Tune's TuneReportCallback when a trial runs this
         ),

@@ -319,9 +319,7 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
                    "tracking_tags": tags, "steps_per_epoch": steps_per_epoch, "tracking_run_id": tracking_run_id,
                    "eval_every": eval_every}
     result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=["train"], plan=plan,
-                 num_workers=cfg.train.num_workers, run_name=run_name,
-                 storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,
-                 num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep, callbacks=callbacks)
+                 train_cfg=cfg.train, run_name=run_name, callbacks=callbacks)
     summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
                "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
                "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),

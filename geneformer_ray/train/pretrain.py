@@ -164,7 +164,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     # final save: every rank reports once more, rank 0 with the checkpoint
     checksums = ranks.gather(sum(float(p.detach().double().sum()) for p in objective.parameters()))
-    final = {"step": progress["step"], "epoch": progress["epoch"], "first_loss": progress["first_loss"],
+    nodes = ranks.nodes()
+    final = {"worker_nodes": nodes, "num_nodes": len(set(nodes)), "step": progress["step"], "epoch": progress["epoch"], "first_loss": progress["first_loss"],
              "final_loss": history[-1][1] if history else None, "val_loss": validate(),
              "weights_identical_across_ranks": len(set(checksums)) == 1,
              "mlflow_run_id": tracker.run_id or "", "restarts": progress.get("restarts", 0),
@@ -229,9 +230,7 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
                    "vocab_name": vocab.name, "tracking_uri": cfg.tracking_uri(), "run_dir": str(run_dir),
                    "has_val": "val" in datasets, "artifact_location": cfg.artifact_location()}
     result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=list(datasets), plan=plan,
-                 num_workers=cfg.train.num_workers, run_name=cfg.train.run_name,
-                 storage_path=cfg.train.storage_path, max_failures=cfg.train.max_failures,
-                 num_checkpoints_to_keep=cfg.train.num_checkpoints_to_keep)
+                 train_cfg=cfg.train)
     model_dir = Path(result.checkpoint.path) / "model"
     summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
                "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),
