@@ -33,14 +33,11 @@ def ray_session():
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` process on loopback."""
-    import socket
     import subprocess
     import time
     import urllib.request
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen(["mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
                              "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                              "--artifacts-destination", str(tmp_path / "server_artifacts")],
@@ -62,6 +59,23 @@ def mlflow_server(tmp_path):
 
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=30)
+
+
+def free_port() -> int:
+    """A free TCP port on loopback (for servers and heads started by tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def forget_ray_address(port: int) -> None:
+    """A cluster started by a test records its address for later `ray.init()` calls: remove it once that
+    cluster is gone, so no later test joins a dead one."""
+    current = Path("/tmp/ray/ray_current_cluster")
+    if current.exists() and current.read_text().strip().endswith(f":{port}"):
+        current.unlink()
 
 
 @pytest.fixture(scope="session")

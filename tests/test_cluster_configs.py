@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shlex
-import socket
 import subprocess
 import urllib.request
 from pathlib import Path
@@ -19,6 +18,8 @@ import yaml
 
 from geneformer_ray.accelerators import AcceleratorConfig, cluster_check, plan_accelerator
 from geneformer_ray.config import PretrainConfig, load_config
+
+from conftest import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CLUSTER = REPO / "cluster"
@@ -178,9 +179,7 @@ def test_start_mlflow_serves_on_the_given_interface_only(tmp_path):
     script = str(CLUSTER / "start_mlflow.sh")
     refused = subprocess.run([script, "0.0.0.0", str(tmp_path / "store")], capture_output=True, text=True)
     assert refused.returncode == 2 and "refusing to listen on every interface" in refused.stderr
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = {**os.environ, "MLFLOW_PORT": str(port)}
     store = tmp_path / "store"
     try:

@@ -16,7 +16,7 @@ import pytest
 
 from geneformer_ray.corpus import read_manifest
 
-from conftest import PBMC_SMALL
+from conftest import PBMC_SMALL, forget_ray_address
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,10 +54,7 @@ def ray_head(env: dict, *, num_cpus: int = 2):
         for proc in alive:
             proc.kill()
         shutil.rmtree(temp_dir, ignore_errors=True)
-        # `ray start` records its address for later `ray.init()` calls: do not leave a dead one behind
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{base}"):
-            current.unlink()
+        forget_ray_address(base)
 
 
 @pytest.fixture

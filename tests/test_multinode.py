@@ -4,28 +4,25 @@ resource per node; SPREAD placement puts one training worker on each node and DD
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 from pathlib import Path
+
+from conftest import forget_ray_address, free_port
 
 HELPER = Path(__file__).parent / "two_node_cluster.py"
 
 
 def test_ddp_pretraining_spread_across_two_nodes(pbmc3k_v1_corpus, tmp_path):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     try:
         proc = subprocess.run([sys.executable, str(HELPER), str(pbmc3k_v1_corpus), str(tmp_path / "runs"), str(port)],
                               capture_output=True, text=True, timeout=900)
     finally:
-        # the helper's cluster wrote its address for later `ray.init()` calls: do not leave a dead one behind
-        current = Path("/tmp/ray/ray_current_cluster")
-        if current.exists() and current.read_text().strip().endswith(f":{port}"):
-            current.unlink()
+        forget_ray_address(port)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    (line,) = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]  # Ray may print after it
+    result = json.loads(line.removeprefix("RESULT "))
     assert result["cluster_nodes"] == 3
     # one worker on each accelerator node (each node could have held both), none on the head
     assert sorted(result["worker_nodes"]) == result["accelerator_nodes"] and result["num_nodes"] == 2

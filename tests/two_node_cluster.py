@@ -1,7 +1,9 @@
 """A simulated two-node Ray cluster running DDP pretraining across its nodes; run in its own process
 by tests/test_multinode.py (one process cannot hold two Ray clusters, and the test session has one).
 
-    python tests/two_node_cluster.py CORPUS STORAGE_DIR PORT   # prints one JSON line
+    python tests/two_node_cluster.py CORPUS STORAGE_DIR PORT   # prints one line: RESULT {json}
+
+(Ray's own warnings may follow it on stdout, hence the prefix.)
 
 Head: 1 CPU, no accelerator. Two worker nodes: 2 CPUs and 2 of a fake accelerator resource each
 (`FAKE_NPU`, not the literal `NPU`, which would make Ray Train import torch_npu). Two training
@@ -34,7 +36,7 @@ def main(corpus: str, storage: str, port: int) -> None:
             "tracking.uri=none"])
         summary = pretrain(cfg, progress=False)
         nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
-        print(json.dumps({"worker_nodes": summary["metrics"]["worker_nodes"], "num_nodes": summary["metrics"]["num_nodes"],
+        print("RESULT " + json.dumps({"worker_nodes": summary["metrics"]["worker_nodes"], "num_nodes": summary["metrics"]["num_nodes"],
                           "accelerator_nodes": sorted(n.node_id for n in accelerator_nodes),
                           "head_node": cluster.head_node.node_id, "cluster_nodes": len(nodes),
                           "step": summary["metrics"]["step"], "first_loss": summary["metrics"]["first_loss"],
