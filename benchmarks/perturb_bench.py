@@ -14,6 +14,9 @@ perturbed cells (forward-passed perturbed encodings) per second:
 On CPU each actor gets one CPU (Ray sets one intra-op thread), and the loop runs with one thread too, so
 (a, 1 actor)/(b) is the gain of batching alone and (a, 2 actors)/(a, 1 actor) the scaling.
 With ``--flavour`` an untrained model of that size is built (speed does not depend on the weights).
+With ``--max-genes N`` each cell keeps only its N top-ranked genes, in-process figures only (no Ray): a
+diagnostic of where batching pays on a CPU (short encodings leave a forward pass overhead-bound, as one
+cell per pass leaves a GPU), not a workload users run.
 Prints one JSON line.
 """
 
@@ -93,6 +96,17 @@ def in_process(model_dir: str, table, out: Path, *, batch_size: int, device: str
     return {"perturbed_cells": done, "seconds": round(elapsed, 1), "cells_per_s": round(done / elapsed, 1)}
 
 
+def truncated(table, max_genes: int):
+    """The cells with only their ``max_genes`` top-ranked genes (V1 encodings: genes only, highest rank first)."""
+    import pyarrow as pa
+
+    ids = [c[:max_genes] for c in table.column("input_ids").to_pylist()]
+    for name, values in (("input_ids", ids), ("length", [len(c) for c in ids])):
+        index = table.schema.get_field_index(name)
+        table = table.set_column(index, name, pa.array(values, table.schema.field(name).type))
+    return table
+
+
 def system(model_dir: str, corpus: str, out: Path, *, cells: int, actors: int, batch_size: int, accelerator: str) -> dict:
     from geneformer_ray.accelerators import AcceleratorConfig
     from geneformer_ray.perturb import perturb
@@ -116,6 +130,8 @@ def main() -> None:
     parser.add_argument("--loop-seconds", type=float, default=60.0, help="time box of the one-at-a-time loop")
     parser.add_argument("--accelerator", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--no-ray", action="store_true", help="only the in-process figures (where Ray is not installed)")
+    parser.add_argument("--max-genes", type=int, default=None,
+                        help="diagnostic: keep each cell's N top-ranked genes (in-process figures only)")
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gf-perturb-bench"))
     args = parser.parse_args()
     if not Path(args.corpus).exists() or (args.flavour is None and not Path(args.model).exists()):
@@ -134,13 +150,15 @@ def main() -> None:
 
         model_dir = str(save_model(build_model(args.flavour, seed=0), workdir / args.flavour, vocab="gc30M"))
     ids = select_cells(args.corpus, max_cells=args.cells, seed=0)
-    cells = [c.as_py() for c in read_cells(args.corpus, ids).column("input_ids")]
+    table = read_cells(args.corpus, ids)
+    if args.max_genes:
+        table = truncated(table, args.max_genes)
+    cells = [c.as_py() for c in table.column("input_ids")]
 
     peer = loop_peer(model_dir, [np.asarray(c, np.int64) for c in cells], seconds=args.loop_seconds, device=args.accelerator)
-    batched = in_process(model_dir, read_cells(args.corpus, ids), workdir / "in_process", batch_size=args.batch_size,
-                         device=args.accelerator)
+    batched = in_process(model_dir, table, workdir / "in_process", batch_size=args.batch_size, device=args.accelerator)
     runs = []
-    if not args.no_ray:
+    if not args.no_ray and not args.max_genes:
         import ray
 
         ray.init(address="local", num_cpus=3, include_dashboard=False, log_to_driver=False)  # GPUs: detected
@@ -151,7 +169,7 @@ def main() -> None:
             ray.shutdown()
     print(json.dumps({
         "figure": "perturbed cells per second (delete every gene of each cell)", "model": args.flavour or Path(model_dir).name,
-        "device": args.accelerator, "cells": args.cells, "mean_genes_per_cell": round(peer["mean_length"], 1),
+        "device": args.accelerator, "cells": args.cells, "max_genes": args.max_genes, "mean_genes_per_cell": round(peer["mean_length"], 1),
         "batch_size": args.batch_size, "system": runs, "batched_in_process": batched, "loop_one_cell_one_pass": peer,
         "speedup_batching_alone": round(batched["cells_per_s"] / peer["cells_per_s"], 2),
         "speedup_1_actor_vs_loop": round(runs[0]["cells_per_s"] / peer["cells_per_s"], 2) if runs else None,
