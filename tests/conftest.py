@@ -88,6 +88,24 @@ def pbmc3k_v1_corpus(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def pbmc3k_subset_corpus(tmp_path_factory):
+    """600 real PBMC3k cells (a seeded sample, all 9 cell types, their obs names as cell ids), gc30M, 2 shards:
+    for runs that need real cells but not all of them (a whole epoch, predicting every cell)."""
+    from geneformer_ray.tokenize_job import tokenize
+
+    folder = tmp_path_factory.mktemp("pbmc3k_subset")
+    adata = ad.read_h5ad(PBMC3K)
+    keep = np.sort(np.random.default_rng(0).choice(adata.n_obs, SUBSET_CELLS, replace=False))
+    adata[keep].copy().write_h5ad(folder / "pbmc3k_subset.h5ad")
+    tokenize([folder / "pbmc3k_subset.h5ad"], folder / "corpus", vocab="gc30M", cells_per_shard=300, executor="local",
+             progress=False)
+    return folder / "corpus"
+
+
+SUBSET_CELLS = 600
+
+
 def tiny_vocab(*, cls_eos: bool = False, model_input_size: int | None = None) -> Vocabulary:
     """Six genes G1..G6 with medians chosen so hand computation is easy."""
     specials = ["<pad>", "<mask>"] + (["<cls>", "<eos>"] if cls_eos else [])

@@ -104,14 +104,14 @@ def _config(corpus, storage, *extra):
                                               "optim.warmup_steps=5", "optim.lr=0.003", *extra])
 
 
-def test_two_worker_ddp_pretraining_learns_and_is_tracked(ray_session, corpus, tmp_path):
+def test_two_worker_ddp_pretraining_learns_is_tracked_and_resumes_on_a_rerun(ray_session, corpus, tmp_path):
     from transformers import BertForMaskedLM
 
     from geneformer_ray.train.pretrain import pretrain
 
     summary = pretrain(_config(corpus, tmp_path, "train.max_steps=30", "train.run_name=ddp"))
     m = summary["metrics"]
-    assert m["step"] == 30 and m["weights_identical_across_ranks"] is True
+    assert m["step"] == 30 and m["weights_identical_across_ranks"] is True and m["restarts"] == 0
     assert m["final_loss"] < m["first_loss"] - 0.3  # learning happened
     assert m["val_loss"] == m["val_loss"]  # finite validation loss on the held-out cells
     model = BertForMaskedLM.from_pretrained(summary["model"])  # stock transformers
@@ -129,14 +129,22 @@ def test_two_worker_ddp_pretraining_learns_and_is_tracked(ray_session, corpus, t
     versions = client.search_model_versions("name='geneformer-tiny'")
     assert versions and versions[0].run_id == run.info.run_id
 
+    # running again with the same name and a higher max_steps continues from the last checkpoint
+    second = pretrain(_config(corpus, tmp_path, "train.max_steps=40", "train.run_name=ddp"))
+    assert second["metrics"]["step"] == 40
+    assert second["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run continues
+    assert second["metrics"]["restarts"] == 1 and second["metrics"]["resumed_from_step"] == 30
+    history = client.get_metric_history(second["mlflow_run_id"], "loss")
+    assert sorted(h.step for h in history) == list(range(5, 41, 5))  # steps 1-30 were not trained twice
 
-def test_token_budget_batches_with_gradient_accumulation(ray_session, corpus, tmp_path):
-    """Token budgets give ranks different numbers of batches: they must still stop together. Also:
-    MLflow off (tracking.uri=none), metrics in the run's metrics.jsonl; widths padded to a multiple."""
+
+def test_token_budget_batches_with_gradient_accumulation(ray_session, pbmc3k_subset_corpus, tmp_path):
+    """Token budgets give ranks different numbers of batches: they must still stop together (a whole
+    epoch). Also: MLflow off (tracking.uri=none), metrics in the run's metrics.jsonl; widths padded to a multiple."""
     from geneformer_ray.train.pretrain import pretrain
 
-    summary = pretrain(_config(corpus, tmp_path, "data.batch_size=null", "data.max_tokens=16000", "optim.grad_accum_steps=2",
-                               "train.epochs=1", "train.max_steps=null", "train.run_name=budget", "train.log_every=10",
+    summary = pretrain(_config(pbmc3k_subset_corpus, tmp_path, "data.batch_size=null", "data.max_tokens=8000",
+                               "optim.grad_accum_steps=2", "train.epochs=1", "train.max_steps=null", "train.run_name=budget",
                                "optim.schedule=cosine", "accelerator.precision=bf16", "tracking.uri=none",
                                "data.pad_to_multiple=64"))
     m = summary["metrics"]
@@ -145,22 +153,9 @@ def test_token_budget_batches_with_gradient_accumulation(ray_session, corpus, tm
     assert not summary["mlflow_run_id"] and summary["registered_version"] is None
     assert not list(tmp_path.glob("mlflow.db")) and not (tmp_path / "mlartifacts").exists()
     windows = [json.loads(line) for line in Path(summary["metrics_file"]).read_text().splitlines()]
-    assert [w["step"] for w in windows if "loss" in w][:2] == [10, 20] and windows[-1]["step"] == m["step"]
+    assert [w["step"] for w in windows if "loss" in w][:2] == [5, 10] and windows[-1]["step"] == m["step"]
     assert all(0 < w["tokens_per_s"] for w in windows if "tokens_per_s" in w)
     assert all(w["padding_fraction"] < 0.5 for w in windows if "padding_fraction" in w)
-
-
-def test_rerun_with_the_same_name_resumes_from_the_checkpoint(ray_session, corpus, tmp_path):
-    from geneformer_ray.train.pretrain import pretrain
-
-    first = pretrain(_config(corpus, tmp_path, "train.max_steps=10", "train.run_name=resume", "train.log_every=10"))
-    assert first["metrics"]["step"] == 10
-    second = pretrain(_config(corpus, tmp_path, "train.max_steps=20", "train.run_name=resume", "train.log_every=10"))
-    assert second["metrics"]["step"] == 20
-    assert second["mlflow_run_id"] == first["mlflow_run_id"]  # the same MLflow run continues
-    assert second["metrics"]["restarts"] == 1 and second["metrics"]["resumed_from_step"] == 10
-    history = mlflow.MlflowClient(second["tracking_uri"]).get_metric_history(second["mlflow_run_id"], "loss")
-    assert sorted(h.step for h in history) == [10, 20]  # steps 1-10 were not trained twice
 
 
 # -- ring 3 ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import mlflow
@@ -51,12 +52,29 @@ def _study_file(tmp_path: Path, corpus: Path, tracking_uri: str) -> Path:
     return path
 
 
-def _tune(config: Path, *extra: str) -> subprocess.Popen:
+@contextmanager
+def _tune(config: Path, log: Path, *extra: str):
+    """A `geneformer-ray tune` driver joined to the session's Ray, its output in ``log`` (a file, not a pipe:
+    nobody reads a pipe while the test waits, and a full one would stall the driver). Always ended on exit,
+    so a failed assertion never leaves a study holding the session's CPUs."""
     import ray
 
     env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address, "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen([sys.executable, "-m", "geneformer_ray.cli", "tune", "--config", str(config), *extra],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "geneformer_ray.cli", "tune", "--config", str(config), *extra],
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        yield proc
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:  # it had finished
+            pass
+        proc.wait(timeout=60)
+
+
+def _tail(log: Path) -> str:
+    return log.read_text()[-6000:] if log.exists() else ""
 
 
 def test_study_interrupted_resumed_tracked_and_its_best_config_reruns(ray_session, pbmc3k_v1_corpus, tmp_path, mlflow_server):
@@ -65,14 +83,14 @@ def test_study_interrupted_resumed_tracked_and_its_best_config_reruns(ray_sessio
     records = study_dir / TRIAL_RECORDS
 
     # 1. start the study, kill its driver once the first trial has completed
-    first = _tune(config)
-    deadline = time.time() + 600
-    while not (records.exists() and any(records.glob("*.json"))):
-        assert first.poll() is None, first.stdout.read()[-4000:]
-        assert time.time() < deadline, "the first trial did not complete in 10 minutes"
-        time.sleep(1)
-    os.killpg(first.pid, signal.SIGKILL)
-    first.wait(timeout=60)
+    first_log, resumed_log = tmp_path / "first.log", tmp_path / "resumed.log"
+    with _tune(config, first_log) as first:
+        deadline = time.time() + 600
+        while not (records.exists() and any(records.glob("*.json"))):
+            assert first.poll() is None, _tail(first_log)
+            assert time.time() < deadline, "the first trial did not complete in 10 minutes:\n" + _tail(first_log)
+            time.sleep(1)
+        os.killpg(first.pid, signal.SIGKILL)
     (done,) = records.glob("*.json")
     done_mtime = done.stat().st_mtime
 
@@ -80,18 +98,22 @@ def test_study_interrupted_resumed_tracked_and_its_best_config_reruns(ray_sessio
     refused = subprocess.run([sys.executable, "-m", "geneformer_ray.cli", "tune", "--config", str(config)],
                              env={**os.environ, "RAY_ADDRESS": ""}, capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "pass --resume" in refused.stderr
-    resumed = _tune(config, "--resume")
-    out, _ = resumed.communicate(timeout=900)
+    with _tune(config, resumed_log, "--resume") as resumed:
+        try:
+            resumed.wait(timeout=900)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the resumed study did not finish in 15 minutes:\n" + _tail(resumed_log))
+    out = resumed_log.read_text()
     assert resumed.returncode == 0, out[-6000:]
     assert done.stat().st_mtime == done_mtime  # the completed trial was not run again
 
     # 3. outputs: 3 distinct trials, the huge learning rate stopped early by ASHA
     with open(study_dir / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3
+    assert len(rows) == 3 and len({r["trial_id"] for r in rows}) == 3, out[-6000:]
     by_lr = {float(r["optim.lr"]): r for r in rows}
     good, bad = by_lr[GOOD_LR], by_lr[BAD_LR]
-    assert good["status"] == "completed" and bad["status"] == "early_stopped", rows
+    assert good["status"] == "completed" and bad["status"] == "early_stopped", (rows, out[-6000:])
     assert int(bad["evaluations"]) < int(good["evaluations"])
     assert float(bad["epochs_spent"]) < float(good["epochs_spent"])
     assert "stopped early by ASHA" in out and "best trial" in out
