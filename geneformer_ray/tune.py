@@ -213,7 +213,6 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
     import ray
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-    from ray.tune.search.optuna import OptunaSearch
 
     from geneformer_ray.accelerators import cluster_check, plan_accelerator
     from geneformer_ray.tracking import start_tracking
@@ -249,8 +248,8 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
     if resume:  # Tune restores the searcher, the scheduler and every trial's state; finished trials are not re-run
         tuner = tune.Tuner.restore(str(experiment), trainable, resume_unfinished=True, resume_errored=False)
     else:
-        searcher = OptunaSearch(metric=metric, mode=s.mode, sampler=_sampler(s),
-                                points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None)
+        searcher = _searcher(metric=metric, mode=s.mode, sampler=_sampler(s),
+                             points_to_evaluate=[dict(p) for p in s.points_to_evaluate] or None)
         scheduler = ASHAScheduler(time_attr="training_iteration", grace_period=s.grace_period,
                                   reduction_factor=s.reduction_factor, max_t=10_000) if s.scheduler == "asha" else FIFOScheduler()
         tuner = tune.Tuner(
@@ -306,6 +305,26 @@ def _register_best(uri: str, run_id: str, name: str) -> str:
     from geneformer_ray.tracking import register_run_artifact
 
     return str(register_run_artifact(mlflow.MlflowClient(uri), run_id, name, "model"))
+
+
+def _searcher(**kwargs):
+    """Ray Tune's ``OptunaSearch``, except that a trial ASHA stopped is told to Optuna as PRUNED (its curve
+    so far was reported at every evaluation), not as COMPLETE with a value from part-way through its
+    training: TPE then ranks stopped trials below every finished one, as it does with Optuna's own pruners,
+    instead of mixing quarter-epoch values with final ones. A finished trial's last report carries
+    ``final`` (the fine-tuning loop's last report); a stopped trial's last report does not."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    class PruningAwareOptunaSearch(OptunaSearch):
+        def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
+            stopped = bool(result) and not error and not result.get("final") and trial_id not in self._completed_trials
+            if not stopped or trial_id not in self._ot_trials:
+                return super().on_trial_complete(trial_id, result, error)
+            self._ot_study.tell(self._ot_trials[trial_id], state=TrialState.PRUNED)
+            self._completed_trials.add(trial_id)
+
+    return PruningAwareOptunaSearch(**kwargs)
 
 
 def _sampler(s: StudyConfig):

@@ -215,3 +215,12 @@ def test_evaluations_per_epoch_or_every_n_steps_not_both():
         extra = ["train.evals_per_epoch=4"] if "eval_every" in bad else []
         with pytest.raises(ValueError, match=message):
             load_config(FinetuneConfig, None, ["data.corpus=c", "task.label_column=y", bad, *extra])
+
+
+def test_epochs_done_counts_whole_epochs_and_the_part_of_the_current_one():
+    from geneformer_ray.train.finetune import _epochs_done
+
+    assert _epochs_done({"step": 5, "epoch": 0, "epoch_start": 0}, 20) == 0.25
+    assert _epochs_done({"step": 23, "epoch": 0, "epoch_start": 0}, 20) == 1.0  # an epoch a few batches long stays 1
+    assert _epochs_done({"step": 23, "epoch": 1, "epoch_start": 23}, 20) == 1.0  # its end: an integer
+    assert _epochs_done({"step": 33, "epoch": 1, "epoch_start": 23}, 20) == 1.5

@@ -73,3 +73,28 @@ def test_fine_tuning_overrides_reach_the_trials_and_study_overrides_the_study():
     assert study.study.finetune_set[-2:] == ["tracking.uri=none", "train.num_workers=1"]
     with pytest.raises(ValueError, match="startup_trials=0 must be at least 1"):
         load_study(STUDY, ["study.startup_trials=0"])
+
+
+def test_trials_asha_stopped_are_pruned_for_optuna_and_finished_ones_complete():
+    """TPE must not read a quarter-epoch value of a stopped trial as that configuration's result."""
+    import optuna
+    from optuna.trial import TrialState
+    from ray import tune
+
+    from geneformer_ray.tune import _searcher
+
+    searcher = _searcher(space={"optim.lr": tune.loguniform(1e-4, 1e-2)}, metric="val_macro_f1", mode="max",
+                         sampler=optuna.samplers.RandomSampler(seed=0))
+    for trial in ("stopped", "finished", "failed"):
+        assert "optim.lr" in searcher.suggest(trial)
+    searcher.on_trial_result("stopped", {"val_macro_f1": 0.30, "training_iteration": 1})
+    searcher.on_trial_complete("stopped", {"val_macro_f1": 0.30, "training_iteration": 1})  # ASHA: no "final"
+    for step, value in ((1, 0.20), (2, 0.45)):
+        searcher.on_trial_result("finished", {"val_macro_f1": value, "training_iteration": step})
+    searcher.on_trial_complete("finished", {"val_macro_f1": 0.50, "training_iteration": 3, "final": True})
+    searcher.on_trial_complete("failed", None, error=True)
+    stopped, finished, failed = searcher._ot_study.trials
+    assert (stopped.state, finished.state, failed.state) == (TrialState.PRUNED, TrialState.COMPLETE, TrialState.FAIL)
+    assert stopped.intermediate_values == {1: 0.30} and finished.value == 0.50
+    searcher.on_trial_complete("stopped", {"val_macro_f1": 0.30})  # a repeated completion changes nothing
+    assert searcher._ot_study.trials[0].state == TrialState.PRUNED

@@ -139,6 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
     history, val_history = [], []
     done = progress["epoch"] >= cfg.train.epochs
     last_val: dict = {}
+    progress.setdefault("epoch_start", progress["step"])  # the step this epoch began at (epochs_done)
     while not done:
         stream = batches("train", progress["epoch"], training=True)
         while True:
@@ -172,6 +173,7 @@ def train_loop_per_worker(config: dict) -> None:
                 break
         if not done:
             progress["epoch"] += 1
+            progress["epoch_start"] = progress["step"]
             done = progress["epoch"] >= cfg.train.epochs
             if not config["eval_every"] or done:
                 last_val = _validate(evaluate, loss_fn, config, tracker, progress["step"], val_history, ranks, save, progress)
@@ -180,7 +182,7 @@ def train_loop_per_worker(config: dict) -> None:
     test = evaluate("test")
     metrics = loss_fn.metrics(test)
     final = {"step": progress["step"], "epoch": progress["epoch"], "restarts": progress.get("restarts", 0),
-             "epochs_done": progress["step"] / config["steps_per_epoch"],
+             "epochs_done": _epochs_done(progress, config["steps_per_epoch"]),
              "mlflow_run_id": tracker.run_id or "", "final": True,  # not "done": Tune ends a trial on it
              **{f"val_{k}": v for k, v in last_val.items()}, **{f"test_{k}": v for k, v in _headline(metrics).items()}}
     if ranks.rank == 0:
@@ -207,9 +209,15 @@ def _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save
     tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
     if ranks.rank == 0:
         print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    report({"step": step, "epoch": progress["epoch"], "epochs_done": step / config["steps_per_epoch"],
+    report({"step": step, "epoch": progress["epoch"], "epochs_done": _epochs_done(progress, config["steps_per_epoch"]),
             **{f"val_{k}": v for k, v in metrics.items()}}, rank=ranks.rank, save=save)
     return metrics
+
+
+def _epochs_done(progress: dict, steps_per_epoch: int) -> float:
+    """Whole epochs finished plus the part of the current one (capped at 1: length-grouped batches can make
+    an epoch a few steps longer than the nominal cells / batch), so an epoch's end reads as an integer."""
+    return progress["epoch"] + min(1.0, (progress["step"] - progress.get("epoch_start", 0)) / steps_per_epoch)
 
 
 TRAIN_WEIGHTS = "train_weights.pt"
