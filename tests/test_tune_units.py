@@ -75,6 +75,18 @@ def test_fine_tuning_overrides_reach_the_trials_and_study_overrides_the_study():
         load_study(STUDY, ["study.startup_trials=0"])
 
 
+def test_one_dimension_of_the_space_is_changed_or_dropped_by_its_dotted_name():
+    study, base = load_study(STUDY, ["space.optim.lr={loguniform: [1.0e-3, 1.0e-2]}", "space.train.epochs=null",
+                                     "space.optim.eps={choice: [1.0e-8, 1.0e-6]}", "train.epochs=1"])
+    assert study.space["optim.lr"] == {"loguniform": [1.0e-3, 1.0e-2]} and study.space["optim.eps"]["choice"] == [1.0e-8, 1.0e-6]
+    assert "train.epochs" not in study.space and base.train.epochs == 1  # not searched: the config's value stands
+    assert study.space["data.batch_size"] == {"choice": [8, 16, 32]}  # the others are kept
+    with pytest.raises(ValueError, match=r"space.optim.lr: loguniform range \[0.1, 0.01\] is empty or inverted"):
+        load_study(STUDY, ["space.optim.lr={loguniform: [0.1, 0.01]}"])
+    with pytest.raises(ValueError, match="space key 'optim.learning_rate' is not a fine-tuning field"):
+        load_study(STUDY, ["space.optim.learning_rate={loguniform: [1.0e-3, 1.0e-2]}"])
+
+
 def test_trials_asha_stopped_are_pruned_for_optuna_and_finished_ones_complete():
     """TPE must not read a quarter-epoch value of a stopped trial as that configuration's result."""
     import optuna
