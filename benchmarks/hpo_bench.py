@@ -82,36 +82,27 @@ def run_study(name: str, searcher: str, scheduler: str, args, corpus: Path, work
 def cut_corpus(corpus: Path, out: Path, max_genes: int) -> Path:
     """A copy of ``corpus`` with every cell cut to its ``max_genes`` top-ranked genes (manifest updated)."""
     import numpy as np
-    import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from geneformer_ray.corpus import read_manifest
+    from geneformer_ray.corpus import finalize_output, keep_top_genes, prepare_output, read_manifest, write_json
     from geneformer_ray.tokenize import length_histogram
 
     manifest = read_manifest(corpus)
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = prepare_output(out, overwrite=True)
     lengths = []
     for shard in manifest["shards"]:
-        table = pq.read_table(corpus / shard["path"])
-        ids = pc.list_slice(table.column("input_ids"), 0, max_genes).cast(table.schema.field("input_ids").type)
-        table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", ids)
-        length = pc.list_value_length(ids).cast(pa.int32())
-        table = table.set_column(table.schema.get_field_index("length"), "length", length)
+        table = keep_top_genes(pq.read_table(corpus / shard["path"]), max_genes)
         pq.write_table(table, tmp / shard["path"])
-        lengths.append(length.to_numpy())
-        shard.update(num_tokens=int(pc.sum(length).as_py()), bytes=(tmp / shard["path"]).stat().st_size)
+        lengths.append(table.column("length").to_numpy())
+        shard.update(num_tokens=int(pc.sum(table.column("length")).as_py()), bytes=(tmp / shard["path"]).stat().st_size)
     lengths = np.concatenate(lengths)
     manifest.update(num_tokens=int(lengths.sum()),
                     length_histogram={**manifest["length_histogram"],
                                       "counts": length_histogram(lengths, manifest["model_input_size"]).tolist()})
     manifest["settings"]["max_genes"] = max_genes  # what this benchmark did to the corpus
-    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
-    return out
+    write_json(tmp / "manifest.json", manifest)
+    return finalize_output(tmp, out)
 
 
 def main() -> None:

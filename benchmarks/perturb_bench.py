@@ -96,17 +96,6 @@ def in_process(model_dir: str, table, out: Path, *, batch_size: int, device: str
     return {"perturbed_cells": done, "seconds": round(elapsed, 1), "cells_per_s": round(done / elapsed, 1)}
 
 
-def truncated(table, max_genes: int):
-    """The cells with only their ``max_genes`` top-ranked genes (V1 encodings: genes only, highest rank first)."""
-    import pyarrow as pa
-
-    ids = [c[:max_genes] for c in table.column("input_ids").to_pylist()]
-    for name, values in (("input_ids", ids), ("length", [len(c) for c in ids])):
-        index = table.schema.get_field_index(name)
-        table = table.set_column(index, name, pa.array(values, table.schema.field(name).type))
-    return table
-
-
 def system(model_dir: str, corpus: str, out: Path, *, cells: int, actors: int, batch_size: int, accelerator: str) -> dict:
     from geneformer_ray.accelerators import AcceleratorConfig
     from geneformer_ray.perturb import perturb
@@ -139,6 +128,7 @@ def main() -> None:
 
     import torch
 
+    from geneformer_ray.corpus import keep_top_genes
     from geneformer_ray.embed import select_cells
     from geneformer_ray.perturb import read_cells
 
@@ -152,7 +142,7 @@ def main() -> None:
     ids = select_cells(args.corpus, max_cells=args.cells, seed=0)
     table = read_cells(args.corpus, ids)
     if args.max_genes:
-        table = truncated(table, args.max_genes)
+        table = keep_top_genes(table, args.max_genes)
     cells = [c.as_py() for c in table.column("input_ids")]
 
     peer = loop_peer(model_dir, [np.asarray(c, np.int64) for c in cells], seconds=args.loop_seconds, device=args.accelerator)

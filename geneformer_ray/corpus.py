@@ -209,6 +209,17 @@ def read_columns(corpus: str | Path, columns: list[str]):
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
 
 
+def keep_top_genes(table: pa.Table, max_genes: int) -> pa.Table:
+    """The cells of ``table`` with only their ``max_genes`` top-ranked genes (``input_ids`` and ``length``).
+    For V1 encodings (genes only, highest rank first); a V2 cell would lose its <eos>."""
+    import pyarrow.compute as pc
+
+    ids = pc.list_slice(table.column("input_ids"), 0, max_genes).cast(table.schema.field("input_ids").type)
+    table = table.set_column(table.schema.get_field_index("input_ids"), "input_ids", ids)
+    length = pc.list_value_length(ids).cast(table.schema.field("length").type)
+    return table.set_column(table.schema.get_field_index("length"), "length", length)
+
+
 def sha256_file(path: str | Path, chunk: int = 8 << 20) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

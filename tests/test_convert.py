@@ -7,7 +7,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.corpus import _dataset_arrow_files, _ipc_rows, convert_hf_dataset, read_manifest
+from geneformer_ray.corpus import _dataset_arrow_files, _ipc_rows, convert_hf_dataset, keep_top_genes, read_manifest
 from geneformer_ray.vocab import load_vocab
 
 from conftest import REFERENCE, read_corpus_table
@@ -86,3 +86,13 @@ def test_dataset_dict_and_non_datasets(tmp_path, reference):
         convert_hf_dataset(tmp_path / "empty", tmp_path / "corpus2", progress=False)
     with pytest.raises(ValueError, match="no 'input_ids' column"):
         convert_hf_dataset(_save(pa.table({"x": [1]}), tmp_path / "x.dataset"), tmp_path / "corpus3", vocab="gc30M", progress=False)
+
+
+def test_keep_top_genes_cuts_each_cell_to_its_first_ranked_genes(reference):
+    table = reference["V1"]
+    cut = keep_top_genes(table, 256)
+    assert cut.schema == table.schema and cut.num_rows == table.num_rows
+    assert cut["input_ids"].to_pylist() == [ids[:256] for ids in table["input_ids"].to_pylist()]
+    assert cut["length"].to_pylist() == [min(n, 256) for n in table["length"].to_pylist()]
+    assert max(table["length"].to_pylist()) > 256 > min(table["length"].to_pylist())  # both cases are in the data
+    assert cut["cell_type"].to_pylist() == table["cell_type"].to_pylist()
