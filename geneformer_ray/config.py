@@ -342,14 +342,29 @@ def load_config(cls, path: str | Path | None = None, overrides: list[str] | None
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--set {item!r}: use section.key=value")
-        target = values
-        *parents, leaf = key.split(".")
-        for part in parents:
-            target = target.setdefault(part, {})
-            if not isinstance(target, dict):
-                raise ValueError(f"--set {item!r}: {part!r} is not a section")
-        target[leaf] = yaml.safe_load(raw)
+        _set_override(values, cls, key.split("."), yaml.safe_load(raw), item)
     return _absolute_paths(_build(cls, values, "")).validate()
+
+
+def _set_override(values: dict, cls, parts: list[str], value, item: str) -> None:
+    """Put one ``--set`` value into the raw config. Once the path reaches a mapping field (``dict[str, ...]``),
+    the rest of the key is one entry of it, dots and all (``space.optim.lr``); ``null`` removes that entry."""
+    target, hint = values, cls
+    for i, part in enumerate(parts[:-1]):
+        hint = typing.get_type_hints(hint).get(part) if dataclasses.is_dataclass(hint) else None
+        if typing.get_origin(hint) is dict:
+            entries = target.get(part) or {}
+            target[part] = entries
+            entry = ".".join(parts[i + 1:])
+            if value is None:
+                entries.pop(entry, None)
+            else:
+                entries[entry] = value
+            return
+        target = target.setdefault(part, {})
+        if not isinstance(target, dict):
+            raise ValueError(f"--set {item!r}: {part!r} is not a section")
+    target[parts[-1]] = value
 
 
 PATH_FIELDS = ("data.corpus", "model.init_from", "task.gene_classes", "train.storage_path", "split.ids")

@@ -23,8 +23,6 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import yaml
-
 from geneformer_ray.config import FinetuneConfig, Sectioned, load_config
 
 DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
@@ -87,16 +85,7 @@ def load_study(path: str | Path | None, overrides: list[str] | None = None) -> t
     finetune_sections = {f.name for f in dataclasses.fields(FinetuneConfig)}
     ours = [o for o in overrides or [] if o.partition(".")[0].partition("=")[0] not in finetune_sections]
     theirs = [o for o in overrides or [] if o not in ours]
-    dimensions = [o for o in ours if o.startswith("space.")]  # the key after `space.` is a whole dotted field name
-    study = load_config(StudyFile, path, [o for o in ours if o not in dimensions])
-    for item in dimensions:
-        name, _, raw = item.removeprefix("space.").partition("=")
-        spec = yaml.safe_load(raw) if raw else None
-        if spec is None:  # space.train.epochs=null: not searched, the fine-tuning config's value stands
-            study.space.pop(name, None)
-        else:
-            study.space[name] = spec
-    study.validate()
+    study = load_config(StudyFile, path, ours)  # space.optim.lr=...: one dimension; space.train.epochs=null: not searched
     study.study.finetune_set = [*study.study.finetune_set, *theirs]
     base_path = Path(study.study.finetune)
     if not base_path.is_absolute() and path is not None and not base_path.exists():

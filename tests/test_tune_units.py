@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator
@@ -75,7 +77,7 @@ def test_fine_tuning_overrides_reach_the_trials_and_study_overrides_the_study():
         load_study(STUDY, ["study.startup_trials=0"])
 
 
-def test_one_dimension_of_the_space_is_changed_or_dropped_by_its_dotted_name():
+def test_one_dimension_of_the_space_is_changed_or_dropped_by_its_dotted_name(tmp_path):
     study, base = load_study(STUDY, ["space.optim.lr={loguniform: [1.0e-3, 1.0e-2]}", "space.train.epochs=null",
                                      "space.optim.eps={choice: [1.0e-8, 1.0e-6]}", "train.epochs=1"])
     assert study.space["optim.lr"] == {"loguniform": [1.0e-3, 1.0e-2]} and study.space["optim.eps"]["choice"] == [1.0e-8, 1.0e-6]
@@ -85,6 +87,11 @@ def test_one_dimension_of_the_space_is_changed_or_dropped_by_its_dotted_name():
         load_study(STUDY, ["space.optim.lr={loguniform: [0.1, 0.01]}"])
     with pytest.raises(ValueError, match="space key 'optim.learning_rate' is not a fine-tuning field"):
         load_study(STUDY, ["space.optim.learning_rate={loguniform: [1.0e-3, 1.0e-2]}"])
+    # a study file without a space: the whole space from the command line
+    bare = tmp_path / "bare.yaml"
+    bare.write_text(f"study:\n  finetune: {Path(STUDY).absolute().parent / 'finetune_cell_type.yaml'}\n")
+    study, _ = load_study(bare, ["space.optim.lr={loguniform: [1.0e-4, 1.0e-3]}", "space.model.freeze_layers={choice: [0, 1]}"])
+    assert study.space == {"optim.lr": {"loguniform": [1.0e-4, 1.0e-3]}, "model.freeze_layers": {"choice": [0, 1]}}
 
 
 def test_trials_asha_stopped_are_pruned_for_optuna_and_finished_ones_complete():
