@@ -52,7 +52,8 @@ SPACE = {
 def run_study(name: str, searcher: str, scheduler: str, args, corpus: Path, workdir: Path) -> dict:
     import yaml
 
-    from geneformer_ray.tune import load_study, tune_study
+    from geneformer_ray.hpo.config import load_study
+    from geneformer_ray.hpo.study import tune_study
 
     study = {"study": {"finetune": str(REPO / "jobs" / "configs" / "finetune_cell_type.yaml"),
                        "finetune_set": [f"data.corpus={corpus}", f"model.init_from={args.model}",
@@ -85,8 +86,9 @@ def cut_corpus(corpus: Path, out: Path, max_genes: int) -> Path:
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
-    from geneformer_ray.corpus import finalize_output, keep_top_genes, prepare_output, read_manifest, write_json
-    from geneformer_ray.tokenize import length_histogram
+    from geneformer_ray.files import finalize_output, prepare_output, write_json
+    from geneformer_ray.data.corpus import keep_top_genes, read_manifest
+    from geneformer_ray.data.encode import length_histogram
 
     manifest = read_manifest(corpus)
     tmp = prepare_output(out, overwrite=True)

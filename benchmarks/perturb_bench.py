@@ -7,7 +7,7 @@
 
 Work: delete every gene of each cell (``--all-genes``), cells sampled from PBMC3k (seeded). Figures in
 perturbed cells (forward-passed perturbed encodings) per second:
-  (a) ``geneformer_ray.perturb.perturb`` with 1 and with 2 model actors, end to end (actor start-up,
+  (a) ``geneformer_ray.perturb`` with 1 and with 2 model actors, end to end (actor start-up,
       Ray Data, writing the shift parts, the statistics);
   (b) the single-process loop: for each cell, embed it, then for each gene embed the encoding without it,
       one forward pass each; time-boxed (``--loop-seconds``), its rate from what it finished.
@@ -42,9 +42,9 @@ def loop_peer(model_dir: str, cells: list, *, seconds: float, device: str) -> di
     import numpy as np
     import torch
 
-    from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator
-    from geneformer_ray.embed import CellEncoder
-    from geneformer_ray.perturb import cosine, perturbed_encoding
+    from geneformer_ray.runtime import AcceleratorConfig, plan_accelerator
+    from geneformer_ray.infer.encoder import CellEncoder
+    from geneformer_ray.infer.perturb import cosine, perturbed_encoding
 
     if device == "cpu":
         torch.set_num_threads(1)
@@ -74,8 +74,8 @@ def in_process(model_dir: str, table, out: Path, *, batch_size: int, device: str
     import numpy as np
     import torch
 
-    from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator
-    from geneformer_ray.perturb import PerturbParams, Perturber
+    from geneformer_ray.runtime import AcceleratorConfig, plan_accelerator
+    from geneformer_ray.infer.perturb import PerturbParams, Perturber
 
     if device == "cpu":
         torch.set_num_threads(1)
@@ -97,13 +97,13 @@ def in_process(model_dir: str, table, out: Path, *, batch_size: int, device: str
 
 
 def system(model_dir: str, corpus: str, out: Path, *, cells: int, actors: int, batch_size: int, accelerator: str) -> dict:
-    from geneformer_ray.accelerators import AcceleratorConfig
-    from geneformer_ray.perturb import perturb
+    from geneformer_ray.runtime import AcceleratorConfig
+    from geneformer_ray.api import perturb
 
     shutil.rmtree(out, ignore_errors=True)
     start = time.perf_counter()
     summary = perturb(model_dir, corpus, out, perturbation="delete", all_genes=True, max_cells=cells, num_actors=actors,
-                      batch_size=batch_size, cells_per_batch=2, accelerator=AcceleratorConfig(type=accelerator), progress=False)
+                      batch_size=batch_size, cells_per_batch=2, accelerator=AcceleratorConfig(type=accelerator), progress=False).summary
     elapsed = time.perf_counter() - start
     return {"actors": actors, "cells": summary["cells"], "perturbed_cells": summary["perturbations"],
             "seconds": round(elapsed, 1), "cells_per_s": round(summary["perturbations"] / elapsed, 1)}
@@ -128,15 +128,15 @@ def main() -> None:
 
     import torch
 
-    from geneformer_ray.corpus import keep_top_genes
-    from geneformer_ray.embed import select_cells
-    from geneformer_ray.perturb import read_cells
+    from geneformer_ray.data.corpus import keep_top_genes
+    from geneformer_ray.infer.encoder import read_cells, select_cells
 
     workdir = Path(args.workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     model_dir = args.model
     if args.flavour:
-        from geneformer_ray.models import build_model, save_model
+        from geneformer_ray.models.flavours import build_model
+        from geneformer_ray.models.folders import save_model
 
         model_dir = str(save_model(build_model(args.flavour, seed=0), workdir / args.flavour, vocab="gc30M"))
     ids = select_cells(args.corpus, max_cells=args.cells, seed=0)

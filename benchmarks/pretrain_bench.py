@@ -39,9 +39,9 @@ H200_BF16_DENSE_TFLOPS = 989.0  # NVIDIA H100/H200 SXM datasheet, dense
 
 def make_corpus(workdir: Path, max_length: int = MAX_LENGTH) -> Path:
     from geneformer_ray.cli import DEMO_DATA
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.tokenize import tokenize
 
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.data.vocab import load_vocab
 
     # cells truncated at 1,024 tokens (13% of PBMC3k is longer): with the full 25k-wide MLM head the
     # Trainer cannot fit 12 x 2,048 tokens in 23 GB (its length-grouped sampler starts with the longest batch)
@@ -62,8 +62,8 @@ def hf_trainer(corpus: Path, flavour: str, steps: int, warmup: int, grouped: boo
     from tokenizers.models import WordLevel
     from transformers import DataCollatorForLanguageModeling, PreTrainedTokenizerFast, Trainer, TrainerCallback, TrainingArguments
 
-    from geneformer_ray.models import build_model
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.models.flavours import build_model
+    from geneformer_ray.data.vocab import load_vocab
 
     vocab = load_vocab("gc30M")
     table = pa.concat_tables([pq.read_table(p, columns=["input_ids"]) for p in sorted(corpus.glob("part-*.parquet"))])
@@ -114,7 +114,8 @@ def ours(corpus: Path, flavour: str, steps: int, warmup: int, workers: int, prec
     """(a): the Ray Train pipeline; tokens/s from the log windows after warm-up (its metrics.jsonl)."""
     import ray
 
-    from geneformer_ray.config import PretrainConfig, load_config
+    from geneformer_ray.train.config import PretrainConfig
+    from geneformer_ray.settings import load_config
     from geneformer_ray.train.pretrain import pretrain
 
     if device == "cuda":
@@ -145,8 +146,8 @@ def flops_per_token(flavour: str, corpus: Path, mlm_probability: float = 0.15) -
     import numpy as np
     import pyarrow.parquet as pq
 
-    from geneformer_ray.models import FLAVOURS
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.models.flavours import FLAVOURS
+    from geneformer_ray.data.vocab import load_vocab
 
     spec = FLAVOURS[flavour]
     h, f, layers = spec.hidden_size, spec.intermediate_size, spec.num_layers
@@ -178,9 +179,9 @@ def data_path(corpus: Path, seconds: float = 20.0, batch: int = BATCH) -> dict:
     """(c): Ray Data -> masked, padded, length-grouped batches, as fast as they come."""
     import ray
 
-    from geneformer_ray.collate import GeneMasker, iter_mlm_batches
-    from geneformer_ray.corpus import read_corpus
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.train.collate import GeneMasker, iter_mlm_batches
+    from geneformer_ray.data.corpus import read_corpus
+    from geneformer_ray.data.vocab import load_vocab
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False

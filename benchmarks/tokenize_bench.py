@@ -70,7 +70,7 @@ def geneformer_style(path: Path, vocab_name: str, out: Path) -> int:
     import pyarrow.parquet as pq
     import scipy.sparse as sp
 
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.data.vocab import load_vocab
 
     vocab = load_vocab(vocab_name)
     adata = ad.read_h5ad(path)  # whole file in memory
@@ -102,8 +102,8 @@ def geneformer_style(path: Path, vocab_name: str, out: Path) -> int:
 
 def run_case(mode: str, path: str, vocab: str, workers: int) -> dict:
     """Runs in a fresh process: times one case, reports cells/s and this process's peak RSS."""
-    from geneformer_ray.tokenize import TokenizeOptions
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.encode import TokenizeOptions
+    from geneformer_ray.data.tokenize import tokenize
 
     out = Path(tempfile.mkdtemp(prefix="gf-bench-")) / "corpus"
     if mode == "geneformer_style":

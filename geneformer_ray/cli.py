@@ -1,4 +1,5 @@
-"""The `geneformer-ray` command.
+"""The `geneformer-ray` command: each subcommand parses its arguments, calls one function of
+``geneformer_ray.api`` and prints what it returned.
 
     geneformer-ray quickstart --out runs/quickstart
     geneformer-ray tokenize pbmc3k.h5ad --vocab gc30M --out corpus/ --obs cell_type
@@ -6,8 +7,6 @@
     geneformer-ray vocab gc104M
     geneformer-ray embed --model runs/quickstart/model --corpus runs/quickstart/corpus --out runs/embed --color cell_type
     geneformer-ray perturb --model ... --corpus ... --out runs/perturb --genes CD74 --perturbation delete
-
-Each subcommand parses its arguments and calls one library function.
 """
 
 from __future__ import annotations
@@ -18,60 +17,34 @@ import os
 import sys
 from pathlib import Path
 
-DEMO_DATA = Path(__file__).parent / "data" / "demo"
-QUICKSTART_CONFIG = Path(__file__).parent / "data" / "configs" / "pretrain_tiny.yaml"
+import geneformer_ray as gr  # the API loads on first use: --help and usage errors answer in well under a second
+from geneformer_ray.data.vocab import load_vocab
 
-
-def connect_ray() -> None:
-    """Join the Ray cluster this runs in (``ray job submit`` sets RAY_ADDRESS; a node started with
-    ``ray start`` is found); with none, start a local one with at least 4 logical CPUs, because 2
-    training workers plus Ray Data need 3+ even on a 2-core machine."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init()
-        return
-    try:
-        ray.init(address="auto")
-    except ConnectionError:
-        # the dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner polls:
-        # without it the workers of a stopped run (an ASHA-stopped trial) keep their CPUs for good
-        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+DEMO_DATA = Path(__file__).parent / "resources" / "demo"  # the bundled PBMC3k cells (tests use them too)
 
 
 def _tokenize(args) -> int:
-    from geneformer_ray.tokenize import TokenizeOptions
-    from geneformer_ray.tokenize_job import format_summary, tokenize
-
-    options = TokenizeOptions(
-        count_column=args.count_column, filter_column=args.filter_column,
-        obs_columns={} if args.no_obs else (_parse_obs(args.obs) or None),
-        gene_id_column=args.gene_id_column, cell_id_column=args.cell_id_column, layer=args.layer,
-        keep_counts=args.keep_counts, allow_non_integer=args.allow_non_integer,
-        sum_duplicates=not args.no_sum_duplicates, min_mapped_fraction=args.min_mapped_fraction,
-    )
-    manifest = tokenize(args.inputs, args.out, vocab=args.vocab, options=options, cells_per_shard=args.cells_per_shard,
-                        executor="local" if args.local else "ray", overwrite=args.overwrite, progress=not args.quiet)
-    print(format_summary(manifest))
-    print(f"corpus: {Path(args.out).absolute()}")
+    corpus = gr.tokenize(
+        args.inputs, args.out, vocab=args.vocab, obs=[] if args.no_obs else (_parse_obs(args.obs) or None),
+        count_column=args.count_column, filter_column=args.filter_column, gene_id_column=args.gene_id_column,
+        cell_id_column=args.cell_id_column, layer=args.layer, keep_counts=args.keep_counts,
+        allow_non_integer=args.allow_non_integer, sum_duplicates=not args.no_sum_duplicates,
+        min_mapped_fraction=args.min_mapped_fraction, cells_per_shard=args.cells_per_shard,
+        executor="local" if args.local else "ray", overwrite=args.overwrite, progress=not args.quiet)
+    print(corpus.describe())
+    print(f"corpus: {corpus.path}")
     return 0
 
 
 def _convert(args) -> int:
-    from geneformer_ray.corpus import convert_hf_dataset
-
-    manifest = convert_hf_dataset(args.dataset, args.out, vocab=args.vocab, overwrite=args.overwrite,
-                                  cells_per_shard=args.cells_per_shard, progress=not args.quiet)
-    print(f"converted {manifest['num_cells']:,} cells ({manifest['vocab']['name']}) into {len(manifest['shards'])} shard(s): "
-          f"{Path(args.out).absolute()}")
+    corpus = gr.convert(args.dataset, args.out, vocab=args.vocab, overwrite=args.overwrite,
+                         cells_per_shard=args.cells_per_shard, progress=not args.quiet)
+    print(f"converted {corpus.num_cells:,} cells ({corpus.vocab}) into {len(corpus.manifest['shards'])} shard(s): "
+          f"{corpus.path}")
     return 0
 
 
 def _vocab(args) -> int:
-    from geneformer_ray.vocab import load_vocab
-
     vocab = load_vocab(args.vocab)
     if args.out:
         vocab.save(args.out)
@@ -81,123 +54,55 @@ def _vocab(args) -> int:
 
 
 def _pretrain(args) -> int:
-    from geneformer_ray.config import PretrainConfig, load_config
-    from geneformer_ray.train.pretrain import pretrain
-
-    cfg = load_config(PretrainConfig, args.config, args.set)  # config errors before Ray starts
-    connect_ray()
-    summary = pretrain(cfg)
-    _print_training_summary(summary)
+    print(gr.pretrain(args.config, overrides=args.set).describe())
     return 0
 
 
 def _finetune(args) -> int:
-    from geneformer_ray.config import FinetuneConfig, load_config
-    from geneformer_ray.train.finetune import finetune, format_finetune_summary
-
-    overrides = ([f"task.kind={args.task}"] if args.task else []) + args.set
-    cfg = load_config(FinetuneConfig, args.config, overrides)  # config errors before Ray starts
-    connect_ray()
-    print(format_finetune_summary(finetune(cfg)))
+    print(gr.finetune(args.config, overrides=args.set, task=args.task).describe())
     return 0
 
 
 def _tune(args) -> int:
-    from geneformer_ray.tune import load_study, tune_study
-    from geneformer_ray.tune_outputs import format_study_summary
-
-    study, base = load_study(args.config, args.set)  # space, ranges and budget checked before Ray starts
-    connect_ray()
-    print(format_study_summary(tune_study(study, base, resume=args.resume)))
+    print(gr.tune(args.config, overrides=args.set, resume=args.resume).describe())
     return 0
 
 
 def _predict(args) -> int:
-    from geneformer_ray.accelerators import AcceleratorConfig
-    from geneformer_ray.predict import predict
-
-    connect_ray()
-    summary = predict(args.model, args.corpus, args.out, batch_size=args.batch_size, num_actors=args.actors,
-                      accelerator=AcceleratorConfig(type=args.accelerator), overwrite=args.overwrite)
-    print(f"{summary['rows']:,} {'genes' if summary['kind'] == 'gene' else 'cells'} predicted by {summary['actors']} "
-          f"{summary['device']} actor(s) in {summary['seconds']} s: {summary['out']}")
+    print(gr.predict(args.model, args.corpus, args.out, **_actor_options(args)).describe())
     return 0
 
 
 def _embed(args) -> int:
-    from geneformer_ray.accelerators import AcceleratorConfig
-    from geneformer_ray.embed import embed
-
-    connect_ray()
-    summary = embed(args.model, args.corpus, args.out, layer=args.layer, mode=args.mode, batch_size=args.batch_size,
-                    num_actors=args.actors, accelerator=AcceleratorConfig(type=args.accelerator), max_cells=args.max_cells,
-                    seed=args.seed, h5ad=args.h5ad or args.adata is not None, adata_path=args.adata, color=args.color,
-                    heatmap_by=args.heatmap_by or (args.color[0] if args.color else None),
-                    tracking_uri=args.tracking_uri, experiment=args.experiment, overwrite=args.overwrite)
-    what = f"{summary['genes']:,} genes" if args.mode == "gene" else f"{summary['cells']:,} cells"
-    print(f"{what} embedded ({args.mode}, layer {args.layer}) by {summary['actors']} {summary['device']} actor(s) in "
-          f"{summary['seconds']} s: {summary['out']}")
-    for path in [summary.get("h5ad"), *summary.get("plots", [])]:
-        if path:
-            print(f"  {path}")
+    print(gr.embed(args.model, args.corpus, args.out, layer=args.layer, mode=args.mode, max_cells=args.max_cells,
+                   seed=args.seed, h5ad=args.h5ad, adata_path=args.adata, color=args.color,
+                   heatmap_by=args.heatmap_by or (args.color[0] if args.color else None),
+                   **_tracking_options(args), **_actor_options(args)).describe())
     return 0
 
 
 def _perturb(args) -> int:
-    from geneformer_ray.accelerators import AcceleratorConfig
-    from geneformer_ray.perturb import perturb
-
-    connect_ray()
-    summary = perturb(args.model, args.corpus, args.out, perturbation=args.perturbation, genes=args.genes,
-                      all_genes=args.all_genes, start_state=args.start_state, goal_state=args.goal_state, layer=args.layer,
-                      max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed, batch_size=args.batch_size,
-                      cells_per_batch=args.cells_per_batch, num_actors=args.actors,
-                      accelerator=AcceleratorConfig(type=args.accelerator), tracking_uri=args.tracking_uri,
-                      experiment=args.experiment, overwrite=args.overwrite, progress=not args.quiet)
-    if summary["genes_not_in_vocab"]:
-        print(f"skipped (not in the vocabulary): {', '.join(summary['genes_not_in_vocab'])}")
-    print(f"{summary['perturbations']:,} perturbations of {summary['cells']:,} cells ({summary['cells_resumed']:,} done "
-          f"before), {summary['genes_tested']:,} genes tested, {summary['genes_fdr_below_0.05']:,} with FDR < 0.05, "
-          f"{summary['seconds']} s")
-    print(f"  {summary['out']}/gene_stats.csv\n  {summary['out']}/shift_vs_significance.png")
+    print(gr.perturb(args.model, args.corpus, args.out, perturbation=args.perturbation, genes=args.genes or [],
+                     all_genes=args.all_genes, start_state=args.start_state, goal_state=args.goal_state,
+                     layer=args.layer, max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed,
+                     cells_per_batch=args.cells_per_batch, progress=not args.quiet, **_tracking_options(args),
+                     **_actor_options(args)).describe())
     return 0
 
 
-def _print_training_summary(summary: dict) -> None:
-    m = summary["metrics"]
-    print(f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> {m.get('final_loss') or float('nan'):.4f}"
-          + (f", validation loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""))
-    print(f"model (Hugging Face folder): {summary['model']}")
-    print(f"checkpoint: {summary['checkpoint']}")
-    print(f"loss curve: {summary['loss_curve']}")
-    print(f"metrics: {summary['metrics_file']}")
-    if summary["tracking_uri"]:
-        print(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
-              + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
+def _actor_options(args) -> dict:
+    return {"batch_size": args.batch_size, "num_actors": args.actors, "accelerator": args.accelerator,
+            "overwrite": args.overwrite}
+
+
+def _tracking_options(args) -> dict:
+    return {"tracking_uri": args.tracking_uri, "experiment": args.experiment}
 
 
 def _quickstart(args) -> int:
     """The main job on the bundled demo data: tokenize PBMC3k, pretrain `tiny` on 2 CPU workers."""
-    from geneformer_ray.config import PretrainConfig, load_config
-    from geneformer_ray.tokenize_job import format_summary, tokenize
-    from geneformer_ray.train.pretrain import pretrain
-
-    connect_ray()
-    out = Path(args.out).absolute()
-    corpus = out / "corpus"
-    if not (corpus / "manifest.json").exists() or args.overwrite:
-        manifest = tokenize([DEMO_DATA / "pbmc3k_counts.h5ad"], corpus, cells_per_shard=1_000,
-                            overwrite=args.overwrite, progress=not args.quiet)
-        print(format_summary(manifest))
-    print(f"corpus: {corpus}")
-    overrides = [f"data.corpus={corpus}", f"train.storage_path={out}", f"train.max_steps={args.steps}", *args.set]
-    cfg = load_config(PretrainConfig, QUICKSTART_CONFIG, overrides)
-    summary = pretrain(cfg)
-    _print_training_summary(summary)
-    from geneformer_ray.models import publish_model
-
-    stable = publish_model(summary["model"], out / "model")
-    print(f"model for fine-tuning (jobs/configs/finetune_*.yaml start here): {stable}")
+    gr.quickstart(args.out, steps=args.steps, overrides=args.set, overwrite=args.overwrite, progress=not args.quiet,
+                  echo=print)
     return 0
 
 

@@ -11,7 +11,7 @@ import pytest
 import scipy.sparse as sp
 
 from geneformer_ray.cli import DEMO_DATA
-from geneformer_ray.vocab import Vocabulary
+from geneformer_ray.data.vocab import Vocabulary
 
 TEST_DATA = Path(__file__).parent / "data"
 PBMC3K = DEMO_DATA / "pbmc3k_counts.h5ad"
@@ -81,7 +81,7 @@ def forget_ray_address(port: int) -> None:
 @pytest.fixture(scope="session")
 def pbmc3k_v1_corpus(tmp_path_factory):
     """The real PBMC3k tokenized with gc30M (3 shards, every obs column): shared by the training tests."""
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.tokenize import tokenize
 
     out = tmp_path_factory.mktemp("pbmc3k_v1") / "corpus"
     tokenize([PBMC3K], out, vocab="gc30M", cells_per_shard=1000, executor="local", progress=False)
@@ -92,7 +92,7 @@ def pbmc3k_v1_corpus(tmp_path_factory):
 def pbmc3k_subset_corpus(tmp_path_factory):
     """600 real PBMC3k cells (a seeded sample, all 9 cell types, their obs names as cell ids), gc30M, 2 shards:
     for runs that need real cells but not all of them (a whole epoch, predicting every cell)."""
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.tokenize import tokenize
 
     folder = tmp_path_factory.mktemp("pbmc3k_subset")
     adata = ad.read_h5ad(PBMC3K)

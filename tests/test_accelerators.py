@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from geneformer_ray import accelerators as acc
-from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator, scaling_kwargs
+from geneformer_ray import runtime as acc
+from geneformer_ray.runtime import AcceleratorConfig, plan_accelerator, scaling_kwargs
 
 CPU_BOX = {"CPU": 4.0, "memory": 1e10, "node:127.0.0.1": 1.0}
 ATLAS = {"CPU": 192.0, "NPU": 8.0}

@@ -8,8 +8,9 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from geneformer_ray.attention import attention_forward, dropped_positions, sparse_dropout, use_sparse_attention_dropout
-from geneformer_ray.models import build_model, save_model
+from geneformer_ray.models.attention import attention_forward, dropped_positions, sparse_dropout, use_sparse_attention_dropout
+from geneformer_ray.models.flavours import build_model
+from geneformer_ray.models.folders import save_model
 
 
 def test_sparse_dropout_has_the_law_of_dropout():

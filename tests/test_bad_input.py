@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from geneformer_ray.tokenize import TokenizeOptions
-from geneformer_ray.tokenize_job import tokenize
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.data.encode import TokenizeOptions
+from geneformer_ray.data.tokenize import tokenize
+from geneformer_ray.data.vocab import load_vocab
 
 from conftest import PBMC_SMALL, make_adata, read_corpus_table
 

@@ -10,7 +10,7 @@ import sys
 import pyarrow.parquet as pq
 
 from geneformer_ray.cli import main
-from geneformer_ray.corpus import read_manifest
+from geneformer_ray.data.corpus import read_manifest
 
 from conftest import PBMC3K, PBMC_SMALL, REFERENCE, read_corpus_table
 
@@ -69,7 +69,7 @@ def test_quickstart_runs_the_main_job_on_bundled_data(ray_session, tmp_path, cap
 
 def test_vocab_command_converts_pickled_dictionaries(tmp_path, capsys):
     from test_vocab import _geneformer_pickles
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.data.vocab import load_vocab
 
     folder = _geneformer_pickles(load_vocab("gc30M"), tmp_path / "gc30M")
     assert main(["vocab", str(folder), "--out", str(tmp_path / "safe")]) == 0

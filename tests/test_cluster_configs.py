@@ -16,8 +16,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from geneformer_ray.accelerators import AcceleratorConfig, cluster_check, plan_accelerator
-from geneformer_ray.config import PretrainConfig, load_config
+from geneformer_ray.runtime import AcceleratorConfig, cluster_check, plan_accelerator
+from geneformer_ray.train.config import PretrainConfig
+from geneformer_ray.settings import load_config
 
 from conftest import free_port
 

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.collate import GeneMasker, length_grouped_batches, pad_cells, padding_fraction
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.train.collate import GeneMasker, length_grouped_batches, pad_cells, padding_fraction
+from geneformer_ray.data.vocab import load_vocab
 
 from conftest import REFERENCE
 

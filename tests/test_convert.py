@@ -7,8 +7,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.corpus import _dataset_arrow_files, _ipc_rows, convert_hf_dataset, keep_top_genes, read_manifest
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.data.convert import _dataset_arrow_files, _ipc_rows, convert_hf_dataset
+from geneformer_ray.data.corpus import keep_top_genes, read_manifest
+from geneformer_ray.data.vocab import load_vocab
 
 from conftest import REFERENCE, read_corpus_table
 

@@ -11,10 +11,12 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from geneformer_ray.accelerators import AcceleratorConfig
-from geneformer_ray.embed import CellEncoder, embed, read_embeddings
-from geneformer_ray.models import build_model, save_model
-from geneformer_ray.perturb import perturb
+from geneformer_ray.runtime import AcceleratorConfig
+from geneformer_ray.api import embed, perturb
+from geneformer_ray.infer.embed import read_embeddings
+from geneformer_ray.infer.encoder import CellEncoder
+from geneformer_ray.models.flavours import build_model
+from geneformer_ray.models.folders import save_model
 
 from conftest import PBMC_SMALL
 
@@ -30,7 +32,7 @@ def v1_model(tmp_path_factory):
 @pytest.fixture(scope="module")
 def v2(tmp_path_factory):
     """A V2 (gc104M, <cls> ... <eos>) tiny model and the real pbmc_small tokenized for it."""
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.tokenize import tokenize
 
     folder = tmp_path_factory.mktemp("v2")
     tokenize([PBMC_SMALL], folder / "corpus", vocab="gc104M", executor="local", progress=False)
@@ -42,8 +44,8 @@ def test_cell_embeddings_are_deterministic_and_land_in_h5ad_plots_and_mlflow(ray
                                                                                tmp_path, mlflow_server):
     common = dict(max_cells=120, seed=1, accelerator=CPU)
     one = embed(v1_model, pbmc3k_v1_corpus, tmp_path / "one", num_actors=1, h5ad=True, color=["cell_type", "n_counts"],
-                heatmap_by="cell_type", tracking_uri=mlflow_server, **common)
-    two = embed(v1_model, pbmc3k_v1_corpus, tmp_path / "two", num_actors=2, **common)
+                heatmap_by="cell_type", tracking_uri=mlflow_server, **common).summary
+    two = embed(v1_model, pbmc3k_v1_corpus, tmp_path / "two", num_actors=2, **common).summary
     assert one["cells"] == two["cells"] == 120 and (one["actors"], two["actors"]) == (1, 2)
     a, b = (read_embeddings(tmp_path / name / "embeddings", ["cell_id", "cell_type"]) for name in ("one", "two"))
     assert list(a["cell_id"]) == list(b["cell_id"])
@@ -88,11 +90,11 @@ def test_cell_embeddings_are_deterministic_and_land_in_h5ad_plots_and_mlflow(ray
 
 def test_gene_embeddings_are_the_mean_and_median_of_token_states(ray_session, pbmc3k_v1_corpus, v1_model, tmp_path):
     summary = embed(v1_model, pbmc3k_v1_corpus, tmp_path / "genes", mode="gene", max_cells=12, seed=5, num_actors=2,
-                    accelerator=CPU)
+                    accelerator=CPU).summary
     table = pq.read_table(tmp_path / "genes" / "gene_embeddings.parquet").to_pandas()
     assert summary["genes"] == len(table) > 1000 and table["cells"].max() <= 12
     # hand computation: each chosen cell alone through the encoder, the gene's token state collected
-    from geneformer_ray.embed import select_cells
+    from geneformer_ray.infer.encoder import select_cells
 
     chosen = set(select_cells(pbmc3k_v1_corpus, max_cells=12, seed=5))
     encoder = CellEncoder(v1_model, layer=-1)
@@ -112,8 +114,8 @@ def test_gene_embeddings_are_the_mean_and_median_of_token_states(ray_session, pb
 
 def test_v2_mean_excludes_cls_and_eos_and_cls_mode_reads_cls(ray_session, v2, tmp_path):
     model_dir, corpus = v2
-    mean = embed(model_dir, corpus, tmp_path / "mean", layer=0, num_actors=2, accelerator=CPU)
-    cls = embed(model_dir, corpus, tmp_path / "cls", mode="cls", layer=0, num_actors=1, accelerator=CPU)
+    mean = embed(model_dir, corpus, tmp_path / "mean", layer=0, num_actors=2, accelerator=CPU).summary
+    cls = embed(model_dir, corpus, tmp_path / "cls", mode="cls", layer=0, num_actors=1, accelerator=CPU).summary
     assert mean["cells"] == cls["cells"] == 80
     means = read_embeddings(tmp_path / "mean" / "embeddings")
     firsts = read_embeddings(tmp_path / "cls" / "embeddings")

@@ -8,12 +8,14 @@ import pandas as pd
 import pytest
 import torch
 
-from geneformer_ray.embed import CellEncoder, hidden_state_index, select_cells
-from geneformer_ray.embed_plots import heatmap_rows, plot_heatmap, plot_umap
-from geneformer_ray.models import build_model, save_model
-from geneformer_ray.perturb import PerturbParams, _open_output, cosine, parse_state, perturbed_encoding, resolve_genes
-from geneformer_ray.perturb_stats import ORIGINAL, benjamini_hochberg, gene_statistics
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.infer.encoder import CellEncoder, hidden_state_index, select_cells
+from geneformer_ray.infer.plots import heatmap_rows, plot_heatmap, plot_umap
+from geneformer_ray.models.flavours import build_model
+from geneformer_ray.models.folders import save_model
+from geneformer_ray.infer.config import parse_state
+from geneformer_ray.infer.perturb import PerturbParams, _open_output, cosine, perturbed_encoding, resolve_genes
+from geneformer_ray.infer.perturb_stats import ORIGINAL, benjamini_hochberg, gene_statistics
+from geneformer_ray.data.vocab import load_vocab
 
 
 def test_layer_choice_counts_like_geneformer():

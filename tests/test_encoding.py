@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.tokenize import tokenize_anndata
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.data.encode import tokenize_anndata
+from geneformer_ray.data.vocab import load_vocab
 
 from conftest import PBMC3K, REFERENCE, gene, make_adata, tiny_vocab
 
@@ -154,7 +154,7 @@ def _reference_encode(X, n_counts, col_token, inv_median, max_genes):
 def test_block_sort_equals_stable_argsort_with_ties_and_near_ties(seed):
     import scipy.sparse as sp
 
-    from geneformer_ray.tokenize import GenePlan, rank_value_encode
+    from geneformer_ray.data.encode import GenePlan, rank_value_encode
 
     rng = np.random.default_rng(seed)
     n_cells, n_genes = 300, 3000

@@ -10,7 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.config import FinetuneConfig, load_config
+from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.settings import load_config
 from geneformer_ray.train.finetune import finetune, format_finetune_summary
 
 from conftest import SUBSET_CELLS, TEST_DATA, read_corpus_table
@@ -89,9 +90,9 @@ def test_gene_classification_cross_validates_by_gene(ray_session, pbmc3k_subset_
         filter_string=f"tags.mlflow.parentRunId = '{summary['mlflow_run_id']}'")
     assert len(runs) == 2  # one child run per fold under the study's run
 
-    from geneformer_ray.predict import predict
+    from geneformer_ray.api import predict
 
-    out = predict(summary["folds"][0]["model"], corpus, tmp_path / "gene_preds", num_actors=1)
+    out = predict(summary["folds"][0]["model"], corpus, tmp_path / "gene_preds", num_actors=1).summary
     genes = pq.read_table(Path(out["out"]) / "gene_predictions.parquet").to_pandas()
     assert out["kind"] == "gene" and len(genes) == out["rows"] > 10_000 and genes["gene"].is_unique
     assert genes["gene"].str.startswith("ENSG").all() and (genes["cells"] >= 1).all()
@@ -99,7 +100,8 @@ def test_gene_classification_cross_validates_by_gene(ray_session, pbmc3k_subset_
 
 
 def test_multitask_from_a_pretrained_encoder_with_frozen_layers_then_resumed(ray_session, corpus, tmp_path):
-    from geneformer_ray.models import build_model, save_model
+    from geneformer_ray.models.flavours import build_model
+    from geneformer_ray.models.folders import save_model
 
     pretrained = save_model(build_model("tiny", seed=3), tmp_path / "pretrained", vocab="gc30M")
     args = [corpus, tmp_path, "task.kind=multitask", "task.label_columns=[cell_type, lineage]", LINEAGE,

@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 import torch
 
-from geneformer_ray.config import FinetuneConfig, load_config
-from geneformer_ray.models import build_model, save_model
-from geneformer_ray.splits import gene_folds, split_cells, split_from_id_lists
-from geneformer_ray.tasks import (add_lora, build_task_model, check_head, class_table, freeze_layers, label_indices,
-                                  merge_lora, read_gene_classes)
+from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.settings import load_config
+from geneformer_ray.models.flavours import build_model
+from geneformer_ray.models.folders import save_model
+from geneformer_ray.train.splits import gene_folds, split_cells, split_from_id_lists
+from geneformer_ray.models.tasks import add_lora, build_task_model, check_head, freeze_layers, merge_lora
+from geneformer_ray.train.labels import class_table, label_indices, read_gene_classes
 from geneformer_ray.train.prepare import prepare_task
 
 from conftest import PBMC3K, TEST_DATA
@@ -178,7 +180,7 @@ def test_bad_fine_tuning_input_is_refused_before_workers_start(corpus, tmp_path,
         prepare_task(_cfg(corpus, "task.label_column=donor"))
     import anndata as ad
 
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.tokenize import tokenize
 
     few = ad.read_h5ad(PBMC3K)[:30].copy()
     few.obs["cell_type"] = ["T"] * 15 + ["B"] * 14 + ["lonely"]
@@ -190,8 +192,8 @@ def test_bad_fine_tuning_input_is_refused_before_workers_start(corpus, tmp_path,
     with pytest.raises(ValueError, match="re-tokenize the data with --vocab gc104M"):
         prepare_task(_cfg(corpus, f"model.init_from={v2}"))  # a gc104M model on a gc30M corpus
     absent = tmp_path / "absent.csv"
-    from geneformer_ray.corpus import read_columns
-    from geneformer_ray.vocab import load_vocab
+    from geneformer_ray.data.corpus import read_columns
+    from geneformer_ray.data.vocab import load_vocab
 
     present = {int(t) for ids in read_columns(corpus, ["input_ids"]).column("input_ids").to_pylist() for t in ids}
     vocab = load_vocab("gc30M")

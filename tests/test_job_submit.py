@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from geneformer_ray.corpus import read_manifest
+from geneformer_ray.data.corpus import read_manifest
 
 from conftest import PBMC_SMALL, forget_ray_address
 

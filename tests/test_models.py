@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from geneformer_ray.models import (
-    FLAVOURS, MaskedGeneObjective, bert_config, build_model, check_corpus_vocab, count_parameters, load_model, save_model,
-)
+from geneformer_ray.models.flavours import FLAVOURS, MaskedGeneObjective, bert_config, build_model, count_parameters
+from geneformer_ray.models.folders import check_corpus_vocab, load_model, save_model
 
 
 @pytest.mark.parametrize("flavour, millions", [
@@ -63,8 +62,8 @@ def test_published_checkpoint_without_vocab_record_is_recognised_by_size(tmp_pat
 
 
 def test_vocabulary_mismatch_is_refused(tmp_path):
-    from geneformer_ray.corpus import read_manifest
-    from geneformer_ray.tokenize_job import tokenize
+    from geneformer_ray.data.corpus import read_manifest
+    from geneformer_ray.data.tokenize import tokenize
     from conftest import PBMC_SMALL
 
     tokenize([PBMC_SMALL], tmp_path / "v2", vocab="gc104M", executor="local", progress=False)

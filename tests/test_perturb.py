@@ -16,11 +16,13 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.accelerators import AcceleratorConfig
-from geneformer_ray.embed import CellEncoder, select_cells
-from geneformer_ray.models import build_model, save_model
-from geneformer_ray.perturb import cosine, perturb, perturbed_encoding
-from geneformer_ray.perturb_stats import ORIGINAL, read_shifts
+from geneformer_ray.runtime import AcceleratorConfig
+from geneformer_ray.infer.encoder import CellEncoder, select_cells
+from geneformer_ray.models.flavours import build_model
+from geneformer_ray.models.folders import save_model
+from geneformer_ray.api import perturb
+from geneformer_ray.infer.perturb import cosine, perturbed_encoding
+from geneformer_ray.infer.perturb_stats import ORIGINAL, read_shifts
 
 CPU = AcceleratorConfig(type="cpu")
 CD74, LYZ = "ENSG00000019582", "ENSG00000090382"
@@ -42,7 +44,7 @@ def test_delete_matches_the_oracle_and_measures_the_shift_towards_the_goal(ray_s
     out = tmp_path / "delete"
     summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74", LYZ, "HLA-DRA", "NOTAGENE"],
                       start_state="cell_type=B", goal_state="cell_type=CD14+ Mono", max_cells=10, max_state_cells=40,
-                      num_actors=2, cells_per_batch=3, accelerator=CPU, tracking_uri=mlflow_server, progress=False)
+                      num_actors=2, cells_per_batch=3, accelerator=CPU, tracking_uri=mlflow_server, progress=False).summary
     assert summary["cells"] == 10 and summary["genes_not_in_vocab"] == ["NOTAGENE"] and summary["cells_resumed"] == 0
     shifts = read_shifts(out / "shifts")
     starts = select_cells(pbmc3k_v1_corpus, where=("cell_type", "B"), max_cells=10, seed=0)
@@ -90,7 +92,7 @@ def test_overexpress_all_genes_with_the_null_drawn_from_the_cells_own_perturbati
                                                                                    tmp_path):
     out = tmp_path / "over"
     summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="overexpress", all_genes=True, max_cells=2, seed=4,
-                      num_actors=1, accelerator=CPU, progress=False)
+                      num_actors=1, accelerator=CPU, progress=False).summary
     shifts = read_shifts(out / "shifts")
     cells = _cells(pbmc3k_v1_corpus, select_cells(pbmc3k_v1_corpus, max_cells=2, seed=4))
     genes = shifts[(shifts["gene_token"] != ORIGINAL) & ~shifts["is_null"]]
@@ -135,7 +137,7 @@ def test_a_killed_run_resumes_without_redoing_finished_cells(ray_session, pbmc3k
     assert refused.returncode == 2 and "other parameters (perturbation)" in refused.stderr
 
     summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="delete", all_genes=True, max_cells=8,
-                      cells_per_batch=2, num_actors=1, accelerator=CPU, progress=False)
+                      cells_per_batch=2, num_actors=1, accelerator=CPU, progress=False).summary
     assert summary["cells"] == 8 and summary["cells_resumed"] == 2 * len(before)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shifts").glob("part-*.parquet")}
     assert all(after[name] == mtime for name, mtime in before.items())  # finished parts were not redone

@@ -9,21 +9,22 @@ import mlflow
 import pytest
 import torch
 
-from geneformer_ray.config import PretrainConfig, load_config
-from geneformer_ray.models import MaskedGeneObjective, build_model
+from geneformer_ray.train.config import PretrainConfig
+from geneformer_ray.settings import load_config
+from geneformer_ray.models.flavours import MaskedGeneObjective, build_model
 from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from geneformer_ray.train.schedule import build_scheduler, lr_factor
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.data.vocab import load_vocab
 
 
-TINY = "geneformer_ray/data/configs/pretrain_tiny.yaml"
+TINY = "geneformer_ray/resources/configs/pretrain_tiny.yaml"
 
 
 # -- ring 1 ---------------------------------------------------------------------------------------
 def test_config_errors_name_the_field_and_the_fix(tmp_path):
-    with pytest.raises(ValueError, match=r"unknown config key\(s\) optim.learning_rate; known in optim: .*lr"):
+    with pytest.raises(ValueError, match=r"unknown config key optim.learning_rate: known in optim: lr, "):
         load_config(PretrainConfig, None, ["data.corpus=x", "optim.learning_rate=0.1"])
-    with pytest.raises(ValueError, match="train.num_workers must be int, got 'two'"):
+    with pytest.raises(ValueError, match=r"train.num_workers: input should be a valid integer.*\(got 'two'\)"):
         load_config(PretrainConfig, None, ["data.corpus=x", "train.num_workers=two"])
     with pytest.raises(ValueError, match="data.corpus is empty"):
         load_config(PretrainConfig, None, [])

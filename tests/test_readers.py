@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from geneformer_ray.readers import open_counts
-from geneformer_ray.tokenize import TokenizeOptions
-from geneformer_ray.tokenize_job import tokenize
+from geneformer_ray.data.readers import open_counts
+from geneformer_ray.data.encode import TokenizeOptions
+from geneformer_ray.data.tokenize import tokenize
 
 from conftest import PBMC3K, PBMC_SMALL, read_corpus_table
 

@@ -10,10 +10,11 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from geneformer_ray.corpus import check_vocab, read_corpus, read_manifest, sha256_file
-from geneformer_ray.tokenize import TokenizeOptions
-from geneformer_ray.tokenize_job import tokenize
-from geneformer_ray.vocab import load_vocab
+from geneformer_ray.data.corpus import check_vocab, read_corpus, read_manifest
+from geneformer_ray.files import sha256_file
+from geneformer_ray.data.encode import TokenizeOptions
+from geneformer_ray.data.tokenize import tokenize
+from geneformer_ray.data.vocab import load_vocab
 
 from conftest import PBMC3K, PBMC_SMALL, REFERENCE, read_corpus_table
 

@@ -17,8 +17,9 @@ import mlflow
 import pytest
 import yaml
 
-from geneformer_ray.config import FinetuneConfig, load_config
-from geneformer_ray.tune import TRIAL_RECORDS
+from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.settings import load_config
+from geneformer_ray.hpo.config import TRIAL_RECORDS
 
 from test_finetune import LINEAGE
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from geneformer_ray.accelerators import AcceleratorConfig, plan_accelerator
-from geneformer_ray.tune import apply_params, default_metric, max_concurrent_trials
-from geneformer_ray.tune import load_study as _load_study
+from geneformer_ray.runtime import AcceleratorConfig, plan_accelerator
+from geneformer_ray.hpo.config import apply_params, default_metric
+from geneformer_ray.hpo.config import load_study as _load_study
+from geneformer_ray.hpo.study import max_concurrent_trials
 
 STUDY = "jobs/configs/tune_cell_type.yaml"
 # The shipped study starts from the quickstart's model; these checks must not need it (CI has no runs/ folder).
@@ -100,7 +101,7 @@ def test_trials_asha_stopped_are_pruned_for_optuna_and_finished_ones_complete():
     from optuna.trial import TrialState
     from ray import tune
 
-    from geneformer_ray.tune import _searcher
+    from geneformer_ray.hpo.study import _searcher
 
     searcher = _searcher(space={"optim.lr": tune.loguniform(1e-4, 1e-2)}, metric="val_macro_f1", mode="max",
                          sampler=optuna.samplers.RandomSampler(seed=0))

@@ -9,7 +9,7 @@ import pickle
 import numpy as np
 import pytest
 
-from geneformer_ray.vocab import load_geneformer_dictionaries, load_vocab, safe_load_pickle
+from geneformer_ray.data.vocab import load_geneformer_dictionaries, load_vocab, safe_load_pickle
 
 from conftest import tiny_vocab
 

@@ -21,7 +21,8 @@ def main(corpus: str, storage: str, port: int) -> None:
     import ray
     from ray.cluster_utils import Cluster
 
-    from geneformer_ray.config import PretrainConfig, load_config
+    from geneformer_ray.train.config import PretrainConfig
+    from geneformer_ray.settings import load_config
     from geneformer_ray.train.pretrain import pretrain
 
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "gcs_server_port": port, "include_dashboard": False})
@@ -34,7 +35,7 @@ def main(corpus: str, storage: str, port: int) -> None:
             "train.placement_strategy=SPREAD", "train.max_failures=0", f"train.storage_path={storage}",
             "train.run_name=two_nodes", "accelerator.type=cpu", "accelerator.worker_resources={FAKE_NPU: 1}",
             "tracking.uri=none"])
-        summary = pretrain(cfg, progress=False)
+        summary = pretrain(cfg)
         nodes = {n["NodeID"]: n["Resources"] for n in ray.nodes() if n["Alive"]}
         print("RESULT " + json.dumps({"worker_nodes": summary["metrics"]["worker_nodes"], "num_nodes": summary["metrics"]["num_nodes"],
                           "accelerator_nodes": sorted(n.node_id for n in accelerator_nodes),

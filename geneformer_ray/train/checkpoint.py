@@ -10,9 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file
 
-from geneformer_ray.models import save_model
-from geneformer_ray.vocab import Vocabulary
+from geneformer_ray.data.vocab import Vocabulary
+from geneformer_ray.models.folders import save_model
 
 STATE_VERSION = 1
 STATE_FILE = "trainer_state.pt"
@@ -39,8 +40,6 @@ def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab
 def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab: Vocabulary, weights: dict | None = None) -> dict:
     """Restore model weights, optimizer and scheduler in place; returns the saved state (progress, run id).
     ``weights``: the state dict to load instead of ``model/model.safetensors`` (e.g. with LoRA adapters)."""
-    from safetensors.torch import load_file
-
     directory = Path(directory)
     state = torch.load(directory / STATE_FILE, map_location="cpu", weights_only=True)
     if state.get("version") != STATE_VERSION:

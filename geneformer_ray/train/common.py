@@ -10,8 +10,16 @@ from __future__ import annotations
 
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
+import ray
+import ray.train
 import torch
+import torch.distributed as dist
+from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from geneformer_ray.runtime import scaling_kwargs, torch_config
 
 
 @dataclass
@@ -24,9 +32,6 @@ class Ranks:
 
     @classmethod
     def current(cls) -> "Ranks":
-        import ray.train
-        import torch.distributed as dist
-
         ctx = ray.train.get_context()
         world = ctx.get_world_size()
         return cls(rank=ctx.get_world_rank(), world=world, distributed=world > 1 and dist.is_initialized())
@@ -35,7 +40,6 @@ class Ranks:
         """True while every rank still has an item: ranks may hold different numbers of batches."""
         if not self.distributed:
             return item is not None
-        import torch.distributed as dist
 
         flag = torch.tensor([0.0 if item is None else 1.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MIN)
@@ -44,23 +48,18 @@ class Ranks:
     def mean(self, values: list[float]) -> list[float]:
         tensor = torch.tensor(values, dtype=torch.float64)
         if self.distributed:
-            import torch.distributed as dist
-
             dist.all_reduce(tensor)
             tensor /= self.world
         return tensor.tolist()
 
     def nodes(self) -> list[str]:
         """The Ray node id of every rank, by rank: where the placement group put the workers."""
-        import ray
-
         return self.gather(ray.get_runtime_context().get_node_id())
 
     def gather(self, obj) -> list:
         """Every rank's object, on every rank (gloo/hccl/nccl all support object collectives)."""
         if not self.distributed:
             return [obj]
-        import torch.distributed as dist
 
         out = [None] * self.world
         dist.all_gather_object(out, obj)
@@ -84,8 +83,6 @@ def to_device(batch: dict, device: torch.device, keys=("input_ids", "attention_m
 def report(metrics: dict, *, rank: int, save=None) -> None:
     """``ray.train.report`` on every rank; with ``save(folder)``, rank 0 writes a checkpoint into a
     temporary folder that Ray persists (other ranks report without one)."""
-    import ray.train
-
     if save is None:
         ray.train.report(metrics)
         return
@@ -99,13 +96,6 @@ def fit(train_loop, loop_config: dict, *, datasets: dict, datasets_to_split: lis
         run_name: str | None = None, callbacks: list | None = None):
     """Build and fit the ``TorchTrainer`` of a run from the ``train`` section (workers, placement,
     storage, failures; ``run_name`` overrides its name, e.g. per fold); returns the ``Result`` (raises the run's error)."""
-    from pathlib import Path
-
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from geneformer_ray.accelerators import scaling_kwargs, torch_config
-
     ingest = DataConfig.default_ingest_options()
     ingest.preserve_order = True  # Train replaces each dataset's own options: keep the seeded shard order
     trainer = TorchTrainer(

@@ -15,36 +15,42 @@ import copy
 import json
 import time
 import zlib
+from functools import partial
 from pathlib import Path
 
 import numpy as np
+import ray.data
+import ray.train
+import torch
+from pydantic import Field
 
-from geneformer_ray.config import FinetuneConfig
-
-from geneformer_ray.collate import IGNORE_INDEX as IGNORE  # -100: a label left out of the loss
+from geneformer_ray.data.corpus import read_corpus
+from geneformer_ray.data.vocab import load_vocab
+from geneformer_ray.files import write_json
+from geneformer_ray.models.attention import use_sparse_attention_dropout
+from geneformer_ray.models.tasks import add_lora, build_task_model, freeze_layers, merge_lora
+from geneformer_ray.plots import plot_curve
+from geneformer_ray.runtime import AcceleratorPlan, autocast, pad_multiple, plan_cluster, worker_device
+from geneformer_ray.settings import Settings
+from geneformer_ray.tracking import log_final_model, start_tracking
+from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from geneformer_ray.train.collate import IGNORE_INDEX as IGNORE  # -100: a label left out of the loss
+from geneformer_ray.train.collate import iter_padded_batches
+from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
+from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.train.loss import TaskLoss, write_test_evaluation
+from geneformer_ray.train.prepare import prepare_task
+from geneformer_ray.train.schedule import build_scheduler
 
 
 # -- per worker ------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import torch
-
-    from geneformer_ray.accelerators import AcceleratorPlan, autocast, pad_multiple, worker_device
-    from geneformer_ray.attention import use_sparse_attention_dropout
-    from geneformer_ray.tasks import TaskLoss, add_lora, build_task_model, freeze_layers, write_test_evaluation
-    from geneformer_ray.tracking import start_tracking
-    from geneformer_ray.train.checkpoint import load_checkpoint
-    from geneformer_ray.train.common import Ranks, build_optimizer, report, to_device
-    from geneformer_ray.train.schedule import build_scheduler
-    from geneformer_ray.vocab import load_vocab
-
-    cfg = FinetuneConfig.from_dict(config["finetune"])
-    task = config["task"]
-    kind, heads = task["kind"], task["heads"]
-    plan = AcceleratorPlan(**config["accelerator_plan"])
+    run = FinetuneRun.from_dict(config)
+    cfg, task, plan = run.config, run.task, run.plan
+    kind, heads = task.kind, task.heads
     ranks = Ranks.current()
     device = worker_device(plan)
-    vocab = load_vocab(config["vocab_name"])
+    vocab = load_vocab(run.vocab_name)
 
     # setup: task model, frozen layers, adapters, optimizer, schedule, loss
     model = build_task_model(kind, heads, init_from=cfg.model.init_from, flavour=cfg.model.flavour, vocab=vocab,
@@ -60,11 +66,11 @@ def train_loop_per_worker(config: dict) -> None:
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
-                                total_steps=config["total_steps"])
-    loss_fn = TaskLoss(kind, heads, task.get("class_weights"), task.get("loss_weights"), device)
+                                total_steps=run.total_steps)
+    loss_fn = TaskLoss(kind, heads, task.class_weights, task.loss_weights, device)
 
     progress = {"step": 0, "epoch": 0}
-    run_id = config.get("tracking_run_id")  # a run to continue when no checkpoint names one (a restarted Tune trial)
+    run_id = run.tracking_run_id  # a run to continue when no checkpoint names one (a restarted Tune trial)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as folder:
@@ -74,64 +80,13 @@ def train_loop_per_worker(config: dict) -> None:
         progress["restarts"] = progress.get("restarts", 0) + 1
     ddp = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type != "cpu" else None) \
         if ranks.distributed else model
-    tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=config["run_name"],
-                             rank=ranks.rank, params=config["finetune"], run_id=run_id,
-                             artifact_location=config["artifact_location"], tags=config.get("tracking_tags"),
-                             metrics_file=Path(config["run_dir"]) / "metrics.jsonl")
-    token_labels = {name: _token_lookup(lookup, vocab.num_tokens) for name, lookup in task.get("token_classes", {}).items()}
-
-    def batches(name: str, epoch: int, *, training: bool):
-        from geneformer_ray.collate import iter_padded_batches
-
-        shard = ray.train.get_dataset_shard(name)
-        for batch in iter_padded_batches(
-                shard, pad_id=vocab.pad_id, batch_size=cfg.data.batch_size, window_batches=cfg.data.window_batches,
-                shuffle_buffer=cfg.data.shuffle_buffer if training else 0, seed=cfg.train.seed * 1000 + epoch,
-                columns=["cell_id"] + ([] if kind == "gene" else ["labels"]),
-                pad_to_multiple=pad_multiple(plan, cfg.data.pad_to_multiple), max_width=max_width,
-                keep=None if training else (lambda ids: _stripe(ids, ranks.rank, ranks.world))):
-            if kind == "gene":
-                batch["labels"] = token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
-            yield batch
-
-    cached: dict[str, list] = {}
-
-    def eval_batches(name: str):
-        """This rank's stripe of a split; kept in memory after the first pass when small (validation runs
-        many times: each new Ray Data pass costs seconds of start-up)."""
-        if name in cached:
-            yield from cached[name]
-            return
-        kept, cells = [], 0
-        for batch in batches(name, 0, training=False):
-            cells += len(batch["input_ids"])
-            kept = kept if kept is not None and cells <= EVAL_CACHE_CELLS else None
-            if kept is not None:
-                kept.append(batch)
-            yield batch
-        if kept is not None:
-            cached[name] = kept
-
-    def evaluate(name: str) -> dict:
-        """Every rank predicts its stripe of the split; all ranks get every prediction."""
-        model.eval()
-        ids, true, probs, tokens = [], [], [], []
-        with torch.no_grad():
-            for batch in eval_batches(name):
-                with autocast(plan, device):
-                    outputs = model(**to_device(batch, device, keys=("input_ids", "attention_mask")))
-                record = loss_fn.predictions(outputs, batch)
-                ids += record["ids"]
-                true.append(record["true"])
-                probs.append(record["probs"])
-                tokens.append(record.get("tokens", np.zeros(0, dtype=np.int64)))
-        model.train()
-        parts = ranks.gather({"ids": ids, "true": _cat(true), "probs": _cat(probs), "tokens": _cat(tokens)})
-        return {k: sum((p[k] for p in parts), []) if k == "ids" else _cat([p[k] for p in parts if len(p[k])])
-                for k in parts[0]}
-
-    def save(folder: str) -> None:
-        _save_finetune_checkpoint(folder, model, optimizer, scheduler, vocab, progress, config, tracker.run_id)
+    tracker = start_tracking(run.tracking_uri, experiment=cfg.tracking.experiment, run_name=run.run_name,
+                             rank=ranks.rank, params=cfg.to_dict(), run_id=run_id, artifact_location=run.artifact_location,
+                             tags=run.tracking_tags, metrics_file=Path(run.run_dir) / "metrics.jsonl")
+    splits = SplitBatches(run, vocab, ranks, max_width=max_width)
+    evaluate = partial(predict_split, model, splits, loss_fn, plan=plan, device=device, ranks=ranks)
+    save = partial(_save_finetune_checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, vocab=vocab,
+                   progress=progress, run=run, run_id=tracker.run_id)
 
     # loop
     model.train()
@@ -141,7 +96,7 @@ def train_loop_per_worker(config: dict) -> None:
     last_val: dict = {}
     progress.setdefault("epoch_start", progress["step"])  # the step this epoch began at (epochs_done)
     while not done:
-        stream = batches("train", progress["epoch"], training=True)
+        stream = splits.training(progress["epoch"])
         while True:
             batch = next(stream, None)
             if not ranks.all_have(batch):
@@ -167,51 +122,107 @@ def train_loop_per_worker(config: dict) -> None:
                 tracker.log_metrics({"loss": loss_mean, "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
                                      "cells_per_s": cells * ranks.world / elapsed}, step=step)
                 window = {"loss": [], "start": time.perf_counter(), "cells": 0}
-            if (config["eval_every"] and step % config["eval_every"] == 0) or done:
-                last_val = _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save, progress)
+            if (run.eval_every and step % run.eval_every == 0) or done:
+                last_val = _validate(evaluate, loss_fn, run, tracker, step, val_history, ranks, save, progress)
             if done:
                 break
         if not done:
             progress["epoch"] += 1
             progress["epoch_start"] = progress["step"]
             done = progress["epoch"] >= cfg.train.epochs
-            if not config["eval_every"] or done:
-                last_val = _validate(evaluate, loss_fn, config, tracker, progress["step"], val_history, ranks, save, progress)
+            if not run.eval_every or done:
+                last_val = _validate(evaluate, loss_fn, run, tracker, progress["step"], val_history, ranks, save, progress)
 
     # final: test predictions and evaluation (rank 0 writes), the final checkpoint reported by all
     test = evaluate("test")
     metrics = loss_fn.metrics(test)
     final = {"step": progress["step"], "epoch": progress["epoch"], "restarts": progress.get("restarts", 0),
-             "epochs_done": _epochs_done(progress, config["steps_per_epoch"]),
+             "epochs_done": _epochs_done(progress, run.steps_per_epoch),
              "mlflow_run_id": tracker.run_id or "", "final": True,  # not "done": Tune ends a trial on it
              **{f"val_{k}": v for k, v in last_val.items()}, **{f"test_{k}": v for k, v in _headline(metrics).items()}}
     if ranks.rank == 0:
-        files = write_test_evaluation(test, metrics, loss_fn, config)
+        files = write_test_evaluation(test, metrics, loss_fn, run.run_dir)
         tracker.log_metrics({k: v for k, v in final.items() if k.startswith("test_")}, step=progress["step"])
         for path in files:
             tracker.log_artifact(path, "evaluation")
         if history:
-            from geneformer_ray.evaluate import plot_curve
-
-            tracker.log_artifact(plot_curve(history, Path(config["run_dir"]) / "loss_curve.png", ylabel="training loss",
-                                            title=f"{config['run_name']}: fine-tuning",
+            tracker.log_artifact(plot_curve(history, Path(run.run_dir) / "loss_curve.png", ylabel="training loss",
+                                            title=f"{run.run_name}: fine-tuning",
                                             extra={f"validation {loss_fn.headline}": val_history}))
     report(final, rank=ranks.rank, save=save)
 
 
-def _validate(evaluate, loss_fn, config, tracker, step, val_history, ranks, save, progress) -> dict:
-    from geneformer_ray.train.common import report
-
-    if not config["has_val"]:
+def _validate(evaluate, loss_fn, run: FinetuneRun, tracker, step, val_history, ranks, save, progress) -> dict:
+    if not run.has_val:
         return {}
     metrics = _headline(loss_fn.metrics(evaluate("val")))
     val_history.append((step, metrics[loss_fn.headline]))
     tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
     if ranks.rank == 0:
         print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
-    report({"step": step, "epoch": progress["epoch"], "epochs_done": _epochs_done(progress, config["steps_per_epoch"]),
+    report({"step": step, "epoch": progress["epoch"], "epochs_done": _epochs_done(progress, run.steps_per_epoch),
             **{f"val_{k}": v for k, v in metrics.items()}}, rank=ranks.rank, save=save)
     return metrics
+
+
+class SplitBatches:
+    """This rank's padded, length-grouped batches of each split of a fine-tuning run: training batches
+    shuffled anew every epoch; evaluation batches from the rank's stripe of the split (a stable hash of the
+    cell id, so every cell is predicted once), kept in memory after the first pass when small, since
+    validation runs many times and each new Ray Data pass costs seconds of start-up."""
+
+    def __init__(self, run: FinetuneRun, vocab, ranks: Ranks, *, max_width: int):
+        self.cfg, self.kind, self.ranks, self.max_width = run.config, run.task.kind, ranks, max_width
+        self.pad_id, self.pad_multiple = vocab.pad_id, pad_multiple(run.plan, run.config.data.pad_to_multiple)
+        self.token_labels = {name: _token_lookup(lookup, vocab.num_tokens) for name, lookup in run.task.token_classes.items()}
+        self.cached: dict[str, list[dict]] = {}
+
+    def training(self, epoch: int):
+        return self._batches("train", epoch, training=True)
+
+    def evaluation(self, name: str):
+        if name in self.cached:
+            yield from self.cached[name]
+            return
+        kept, cells = [], 0
+        for batch in self._batches(name, 0, training=False):
+            cells += len(batch["input_ids"])
+            kept = kept if kept is not None and cells <= EVAL_CACHE_CELLS else None
+            if kept is not None:
+                kept.append(batch)
+            yield batch
+        if kept is not None:
+            self.cached[name] = kept
+
+    def _batches(self, name: str, epoch: int, *, training: bool):
+        data, ranks = self.cfg.data, self.ranks
+        for batch in iter_padded_batches(
+                ray.train.get_dataset_shard(name), pad_id=self.pad_id, batch_size=data.batch_size,
+                window_batches=data.window_batches, shuffle_buffer=data.shuffle_buffer if training else 0,
+                seed=self.cfg.train.seed * 1000 + epoch, columns=["cell_id"] + ([] if self.kind == "gene" else ["labels"]),
+                pad_to_multiple=self.pad_multiple, max_width=self.max_width,
+                keep=None if training else (lambda ids: _stripe(ids, ranks.rank, ranks.world))):
+            if self.kind == "gene":
+                batch["labels"] = self.token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
+            yield batch
+
+
+def predict_split(model, splits: SplitBatches, loss_fn: TaskLoss, name: str, *, plan, device, ranks: Ranks) -> dict:
+    """Every rank predicts its stripe of the split; all ranks get every prediction (ids, true, probs, tokens)."""
+    model.eval()
+    ids, true, probs, tokens = [], [], [], []
+    with torch.no_grad():
+        for batch in splits.evaluation(name):
+            with autocast(plan, device):
+                outputs = model(**to_device(batch, device, keys=("input_ids", "attention_mask")))
+            record = loss_fn.predictions(outputs, batch)
+            ids += record["ids"]
+            true.append(record["true"])
+            probs.append(record["probs"])
+            tokens.append(record.get("tokens", np.zeros(0, dtype=np.int64)))
+    model.train()
+    parts = ranks.gather({"ids": ids, "true": _cat(true), "probs": _cat(probs), "tokens": _cat(tokens)})
+    return {k: sum((p[k] for p in parts), []) if k == "ids" else _cat([p[k] for p in parts if len(p[k])]) for k in parts[0]}
 
 
 def _epochs_done(progress: dict, steps_per_epoch: int) -> float:
@@ -224,18 +235,13 @@ TRAIN_WEIGHTS = "train_weights.pt"
 EVAL_CACHE_CELLS = 10_000  # per rank: a validation stripe up to this size is read once per run
 
 
-def _save_finetune_checkpoint(folder, model, optimizer, scheduler, vocab, progress, config, run_id) -> None:
+def _save_finetune_checkpoint(folder, *, model, optimizer, scheduler, vocab, progress, run: FinetuneRun, run_id) -> None:
     """The plain HF model (adapters merged into a copy) for use, and the training weights for resume."""
-    import torch
-
-    from geneformer_ray.tasks import merge_lora
-    from geneformer_ray.train.checkpoint import save_checkpoint
-
     plain = merge_lora(copy.deepcopy(model)) if hasattr(model, "merge_and_unload") else model
     save_checkpoint(folder, model=plain, optimizer=optimizer, scheduler=scheduler, vocab=vocab, progress=progress,
-                    config=config["finetune"], tracking_run_id=run_id)
+                    config=run.config.to_dict(), tracking_run_id=run_id)
     torch.save(model.state_dict(), Path(folder) / TRAIN_WEIGHTS)
-    (Path(folder) / "task.json").write_text(json.dumps({k: v for k, v in config["task"].items() if k != "token_classes"}, indent=2))
+    (Path(folder) / "task.json").write_text(json.dumps(run.task.model_dump(mode="json", exclude={"token_classes"}), indent=2))
 
 
 def _stripe(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
@@ -261,22 +267,11 @@ def _headline(metrics: dict) -> dict:
 # -- driver ----------------------------------------------------------------------------------------
 def finetune(cfg: FinetuneConfig) -> dict:
     """Check, split and fit; returns paths, metrics and (genes) the per-fold cross-validation."""
-    import ray
-    import ray.data
-
-    from geneformer_ray.accelerators import cluster_check, plan_accelerator
-
-    from geneformer_ray.train.prepare import prepare_task
-
     prepared = prepare_task(cfg)
-    if not ray.is_initialized():
-        ray.init()
+    plan = plan_cluster(cfg.accelerator, num_workers=cfg.train.num_workers)
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints one line per evaluation
-    resources = ray.cluster_resources()
-    plan = plan_accelerator(cfg.accelerator, resources)
-    cluster_check(plan, cfg.train.num_workers, resources)
     if cfg.task.kind != "gene":
-        summary = _fit(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name)
+        summary = fit_split(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name)
         if prepared.get("baseline") is not None:
             summary["baseline"] = prepared["baseline"]
         return summary
@@ -284,13 +279,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _cross_validate(cfg: FinetuneConfig, plan, prepared: dict) -> dict:
-    from geneformer_ray.tracking import start_tracking
-
     parent = start_tracking(cfg.tracking_uri(), experiment=cfg.tracking.experiment, run_name=cfg.train.run_name, rank=0,
                             params=cfg.to_dict(), artifact_location=cfg.artifact_location())
     folds = []
     for k, split in enumerate(prepared["splits"]):
-        summary = _fit(cfg, plan, prepared, split, run_name=f"{cfg.train.run_name}-fold{k}",
+        summary = fit_split(cfg, plan, prepared, split, run_name=f"{cfg.train.run_name}-fold{k}",
                        tags={"mlflow.parentRunId": parent.run_id, "fold": str(k)} if parent.run_id else None)
         folds.append(summary)
     aucs = np.array([f["metrics"].get("test_roc_auc", np.nan) for f in folds], dtype=float)  # over labelled tokens
@@ -301,32 +294,57 @@ def _cross_validate(cfg: FinetuneConfig, plan, prepared: dict) -> dict:
               "tracking_uri": cfg.tracking_uri(), "mlflow_run_id": parent.run_id, "genes": prepared["gene_report"]}
     parent.log_metrics({"test_roc_auc_mean": result["test_roc_auc_mean"], "test_roc_auc_sd": result["test_roc_auc_sd"]}, step=0)
     parent.finish()
-    out = Path(cfg.train.storage_path).absolute() / cfg.train.run_name
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "cross_validation.json").write_text(json.dumps({k: v for k, v in result.items() if k != "folds"}, indent=2) + "\n")
-    result["summary_file"] = str(out / "cross_validation.json")
+    path = write_json(cfg.run_dir() / "cross_validation.json", {k: v for k, v in result.items() if k != "folds"})
+    result["summary_file"] = str(path)
     return result
 
 
-def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: str, tags: dict | None = None,
-         callbacks: list | None = None, tracking_run_id: str | None = None) -> dict:
-    from geneformer_ray.train.common import fit
+class TaskSpec(Settings):
+    """The task a fine-tuning worker trains: its heads' classes and what the loss weighs."""
 
+    kind: str
+    heads: dict[str, list[str]]  # {head: class names}
+    class_weights: dict[str, list[float]] | None = None  # task.class_weights=balanced: per head, per class
+    loss_weights: dict[str, float] = Field(default_factory=dict)  # multitask: per head
+    token_classes: dict[str, dict[int, int]] = Field(default_factory=dict)  # gene: {split: {token: class index}}
+
+
+class FinetuneRun(Settings):
+    """What every worker of one fine-tuning run (one fold, one trial) is told; crosses the Ray boundary as ``to_dict()``."""
+
+    config: FinetuneConfig
+    task: TaskSpec
+    plan: AcceleratorPlan
+    vocab_name: str
+    total_steps: int
+    steps_per_epoch: int
+    eval_every: int | None  # None: at the end of every epoch
+    run_name: str
+    run_dir: str
+    tracking_uri: str | None
+    artifact_location: str | None
+    tracking_tags: dict[str, str] | None = None  # e.g. the parent run of a fold or a trial
+    tracking_run_id: str | None = None  # a run to continue (a restarted Tune trial)
+    has_val: bool
+
+
+def fit_split(cfg: FinetuneConfig, plan: AcceleratorPlan, prepared: dict, split: dict, *, run_name: str,
+              tags: dict | None = None, callbacks: list | None = None, tracking_run_id: str | None = None) -> dict:
+    """Fit one fine-tuning run on one split of ``prepare_task``'s output (a fold, or a Tune trial's run)."""
     datasets = _datasets(cfg, prepared, split)
-    run_dir = Path(cfg.train.storage_path).absolute() / run_name
+    run_dir = cfg.run_dir(run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     steps_per_epoch = max(1, split["num_train"] // (cfg.data.batch_size * cfg.train.num_workers))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     per_epoch = cfg.train.evals_per_epoch
     eval_every = cfg.train.eval_every or (max(1, steps_per_epoch // per_epoch) if per_epoch else None)  # None: epoch ends
-    task = {"kind": cfg.task.kind, "heads": prepared["heads"], "class_weights": split.get("class_weights"),
-            "loss_weights": dict(cfg.task.loss_weights), "token_classes": split.get("token_classes", {})}
-    loop_config = {"finetune": cfg.to_dict(), "task": task, "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
-                   "vocab_name": prepared["vocab_name"], "tracking_uri": cfg.tracking_uri(), "run_name": run_name,
-                   "run_dir": str(run_dir), "has_val": "val" in datasets, "artifact_location": cfg.artifact_location(),
-                   "tracking_tags": tags, "steps_per_epoch": steps_per_epoch, "tracking_run_id": tracking_run_id,
-                   "eval_every": eval_every}
-    result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=["train"], plan=plan,
+    task = TaskSpec(kind=cfg.task.kind, heads=prepared["heads"], class_weights=split.get("class_weights"),
+                    loss_weights=cfg.task.loss_weights, token_classes=split.get("token_classes", {}))
+    run = FinetuneRun(config=cfg, task=task, plan=plan, vocab_name=prepared["vocab_name"], total_steps=total_steps,
+                      steps_per_epoch=steps_per_epoch, eval_every=eval_every, run_name=run_name, run_dir=str(run_dir),
+                      tracking_uri=cfg.tracking_uri(), artifact_location=cfg.artifact_location(), tracking_tags=tags,
+                      tracking_run_id=tracking_run_id, has_val="val" in datasets)
+    result = fit(train_loop_per_worker, run.to_dict(), datasets=datasets, datasets_to_split=["train"], plan=plan,
                  train_cfg=cfg.train, run_name=run_name, callbacks=callbacks)
     summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
                "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
@@ -334,7 +352,6 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
                "tracking_uri": cfg.tracking_uri(),
                "mlflow_run_id": result.metrics.get("mlflow_run_id"), "dropped_classes": prepared["dropped"],
                "split_sizes": {k: int(v) for k, v in split["sizes"].items()}}
-    from geneformer_ray.tracking import log_final_model
 
     summary["registered_version"] = log_final_model(cfg, run_name, summary)
     return summary
@@ -342,8 +359,6 @@ def _fit(cfg: FinetuneConfig, plan, prepared: dict, split: dict, *, run_name: st
 
 def _datasets(cfg: FinetuneConfig, prepared: dict, split: dict) -> dict:
     """Ray Datasets per split: the corpus rows of the split's cells with their label column."""
-    from geneformer_ray.corpus import read_corpus
-
     datasets = {}
     for name, labels in split["cells"].items():
         if not labels:

@@ -9,30 +9,24 @@ token lists) with pyarrow, so every bad input is reported before a worker is pla
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-from geneformer_ray.config import FinetuneConfig
-from geneformer_ray.tasks import IGNORE
+from geneformer_ray.data.corpus import read_columns, read_manifest
+from geneformer_ray.models.folders import resolve_model_config
+from geneformer_ray.models.tasks import check_head
+from geneformer_ray.train.baseline import logistic_regression_baseline
+from geneformer_ray.train.collate import IGNORE_INDEX as IGNORE
+from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.train.labels import class_table, gene_tokens, label_indices, read_gene_classes
+from geneformer_ray.train.splits import gene_folds, split_cells, split_from_id_lists
 
 
 def prepare_task(cfg: FinetuneConfig) -> dict:
     """Everything checked before any worker starts: vocabulary, columns, classes, head, splits."""
-    import pyarrow as pa
-
-    from geneformer_ray.corpus import read_columns, read_manifest
-    from geneformer_ray.models import bert_config, check_corpus_vocab, model_vocab
-    from geneformer_ray.tasks import check_head
-
-    cfg.validate()
     manifest = read_manifest(cfg.data.corpus)
-    if cfg.model.init_from:
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(cfg.model.init_from, local_files_only=True)
-    else:
-        name = manifest["vocab"]["name"]
-        model_config = bert_config(cfg.model.flavour, name if name in ("gc30M", "gc104M") else None)
-    check_corpus_vocab(model_config, manifest, corpus=cfg.data.corpus)
-    vocab = model_vocab(model_config)
+    _, vocab = resolve_model_config(init_from=cfg.model.init_from, flavour=cfg.model.flavour, manifest=manifest,
+                                    corpus=cfg.data.corpus)
     task = cfg.task
     label_columns = {"cell": [task.label_column], "multitask": list(task.label_columns), "gene": []}[task.kind]
     derived = task.derived_columns
@@ -58,16 +52,11 @@ def prepare_task(cfg: FinetuneConfig) -> dict:
     if cfg.model.init_from:
         check_head(task.kind, prepared["heads"], cfg.model.init_from)
     if task.baseline and task.kind != "gene":
-        from geneformer_ray.baseline import logistic_regression_baseline
-
         prepared["baseline"] = logistic_regression_baseline(manifest, prepared["splits"][0]["cells"], prepared["heads"])
     return prepared
 
 
 def _prepare_cells(cfg: FinetuneConfig, table, label_columns: list[str]) -> dict:
-    from geneformer_ray.splits import split_cells, split_from_id_lists
-    from geneformer_ray.tasks import class_table, label_indices
-
     heads, dropped, labels = {}, {}, []
     for column in label_columns:
         values = table.column(column).to_pylist()
@@ -113,11 +102,6 @@ def _balanced(labels: np.ndarray, num_classes: int) -> list[float]:
 
 def _prepare_genes(cfg: FinetuneConfig, table, vocab) -> dict:
     """Gene classes -> tokens present in the corpus -> folds split by gene (train / val / test genes)."""
-    import pyarrow.compute as pc
-
-    from geneformer_ray.splits import gene_folds
-    from geneformer_ray.tasks import gene_tokens, read_gene_classes
-
     by_gene = read_gene_classes(cfg.task.gene_classes, label_column=cfg.task.gene_label_column)
     token_class, not_in_vocab = gene_tokens(by_gene, vocab)
     ids = table.column("input_ids").combine_chunks()

@@ -15,27 +15,29 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
+import ray.data
+import ray.train
+import torch
 
-from geneformer_ray.config import PretrainConfig
+from geneformer_ray.data.corpus import read_corpus, read_manifest
+from geneformer_ray.models.attention import use_sparse_attention_dropout
+from geneformer_ray.models.flavours import MaskedGeneObjective, build_model
+from geneformer_ray.models.folders import load_model, model_vocab, resolve_model_config
+from geneformer_ray.plots import plot_curve
+from geneformer_ray.runtime import AcceleratorPlan, autocast, pad_multiple, plan_cluster, worker_device
+from geneformer_ray.settings import Settings
+from geneformer_ray.tracking import log_final_model, start_tracking
+from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
+from geneformer_ray.train.collate import GeneMasker, iter_mlm_batches
+from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
+from geneformer_ray.train.config import PretrainConfig
+from geneformer_ray.train.schedule import build_scheduler
 
 
 # -- per worker ------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
-    import ray.train
-    import torch
-
-    from geneformer_ray.accelerators import AcceleratorPlan, autocast, pad_multiple, worker_device
-    from geneformer_ray.attention import use_sparse_attention_dropout
-    from geneformer_ray.collate import GeneMasker, iter_mlm_batches
-    from geneformer_ray.models import MaskedGeneObjective, build_model, load_model, model_vocab
-    from geneformer_ray.tracking import start_tracking
-    from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
-    from geneformer_ray.train.common import Ranks, build_optimizer, report, to_device
-    from geneformer_ray.train.schedule import build_scheduler
-
-    cfg = PretrainConfig.from_dict(config["pretrain"])
-    plan = AcceleratorPlan(**config["accelerator_plan"])
-    total_steps = config["total_steps"]
+    run = PretrainRun.from_dict(config)
+    cfg, plan, total_steps = run.config, run.plan, run.total_steps
     ranks = Ranks.current()
     rank, world, distributed = ranks.rank, ranks.world, ranks.distributed
     device = worker_device(plan)
@@ -45,7 +47,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.model.init_from:
         model, vocab = load_model(cfg.model.init_from)
     else:
-        model = build_model(cfg.model.flavour, config["vocab_name"], seed=cfg.train.seed)
+        model = build_model(cfg.model.flavour, run.vocab_name, seed=cfg.train.seed)
         vocab = model_vocab(model.config)
     if cfg.model.sparse_attention_dropout:
         use_sparse_attention_dropout(model)  # acts only when training on CPU with attention dropout
@@ -68,9 +70,9 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"resuming from the checkpoint at step {progress['step']}", flush=True)
     ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type != "cpu" else None) \
         if distributed else objective
-    tracker = start_tracking(config["tracking_uri"], experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
-                             rank=rank, params=config["pretrain"], run_id=run_id, artifact_location=config["artifact_location"],
-                             metrics_file=Path(config["run_dir"]) / "metrics.jsonl")
+    tracker = start_tracking(run.tracking_uri, experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
+                             rank=rank, params=cfg.to_dict(), run_id=run_id, artifact_location=run.artifact_location,
+                             metrics_file=Path(run.run_dir) / "metrics.jsonl")
     masker = GeneMasker.for_vocab(vocab, seed=None, mlm_probability=cfg.data.mlm_probability)
     masker.rng = np.random.default_rng([cfg.train.seed, rank, progress["step"]])  # a resumed run draws fresh, reproducible masks
 
@@ -82,7 +84,7 @@ def train_loop_per_worker(config: dict) -> None:
                                 max_width=model.config.max_position_embeddings)
 
     def validate() -> float | None:
-        if not config["has_val"]:
+        if not run.has_val:
             return None
         objective.eval()
         losses, it = [], batches("val", 0)
@@ -100,7 +102,7 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.log_metrics(metrics, step=progress["step"])
         report(metrics, rank=rank, save=(lambda folder: save_checkpoint(
             folder, model=objective.model, optimizer=optimizer, scheduler=scheduler, vocab=vocab, progress=progress,
-            config=config["pretrain"], tracking_run_id=tracker.run_id)) if save else None)
+            config=cfg.to_dict(), tracking_run_id=tracker.run_id)) if save else None)
 
     # loop
     objective.train()
@@ -171,13 +173,11 @@ def train_loop_per_worker(config: dict) -> None:
              "mlflow_run_id": tracker.run_id or "", "restarts": progress.get("restarts", 0),
              "resumed_from_step": progress.get("resumed_from_step"), "final": True}
     if rank == 0:
-        _finish_tracking(tracker, history, val_history, cfg, config["run_dir"])
+        _finish_tracking(tracker, history, val_history, cfg, run.run_dir)
     log_and_report(final, save=True)  # the model artifact and registration follow on the driver, once persisted
 
 
 def _finish_tracking(tracker, history, val_history, cfg: PretrainConfig, run_dir: str) -> None:
-    from geneformer_ray.evaluate import plot_curve
-
     if history:
         png = plot_curve(history, Path(run_dir) / "loss_curve.png", title=f"{cfg.train.run_name}: MLM loss",
                          ylabel="loss", extra={"validation loss": val_history})
@@ -185,31 +185,25 @@ def _finish_tracking(tracker, history, val_history, cfg: PretrainConfig, run_dir
 
 
 # -- driver ----------------------------------------------------------------------------------------
-def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
+class PretrainRun(Settings):
+    """What every worker of a pretraining run is told; crosses the Ray boundary as ``to_dict()``."""
+
+    config: PretrainConfig
+    plan: AcceleratorPlan
+    vocab_name: str
+    total_steps: int
+    run_dir: str
+    tracking_uri: str | None
+    artifact_location: str | None
+    has_val: bool
+
+
+def pretrain(cfg: PretrainConfig) -> dict:
     """Check, build and fit the pretraining run; returns paths and final metrics."""
-    import ray
-    import ray.data
-    from geneformer_ray.accelerators import cluster_check, plan_accelerator
-    from geneformer_ray.corpus import read_corpus, read_manifest
-    from geneformer_ray.models import bert_config, check_corpus_vocab, model_vocab
-    from geneformer_ray.tracking import log_final_model
-    from geneformer_ray.train.common import fit
-
-    cfg.validate()
     manifest = read_manifest(cfg.data.corpus)
-    if cfg.model.init_from:
-        from transformers import AutoConfig
-
-        model_config = AutoConfig.from_pretrained(cfg.model.init_from, local_files_only=True)
-    else:
-        model_config = bert_config(cfg.model.flavour, manifest["vocab"]["name"] if manifest["vocab"]["name"] in ("gc30M", "gc104M") else None)
-    check_corpus_vocab(model_config, manifest, corpus=cfg.data.corpus)
-    vocab = model_vocab(model_config)
-    if not ray.is_initialized():
-        ray.init()
-    resources = ray.cluster_resources()
-    plan = plan_accelerator(cfg.accelerator, resources)
-    cluster_check(plan, cfg.train.num_workers, resources)
+    _, vocab = resolve_model_config(init_from=cfg.model.init_from, flavour=cfg.model.flavour, manifest=manifest,
+                                    corpus=cfg.data.corpus)
+    plan = plan_cluster(cfg.accelerator, num_workers=cfg.train.num_workers)
 
     ray.data.DataContext.get_current().enable_progress_bars = False  # rank 0 prints one line per log step instead
     columns = ["input_ids", "length", "cell_id"]
@@ -220,16 +214,15 @@ def pretrain(cfg: PretrainConfig, *, progress: bool = True) -> dict:
     if threshold and num_val >= cfg.train.num_workers:
         datasets["val"] = read_corpus(cfg.data.corpus, columns=columns).filter(
             lambda row: zlib.crc32(row["cell_id"].encode()) < threshold)
-    run_dir = Path(cfg.train.storage_path).absolute() / cfg.train.run_name
+    run_dir = cfg.run_dir()
     run_dir.mkdir(parents=True, exist_ok=True)
     cells_per_step = (cfg.data.batch_size or max(1, cfg.data.max_tokens // _median_length(manifest))) \
         * cfg.train.num_workers * cfg.optim.grad_accum_steps
     steps_per_epoch = max(1, int(manifest["num_cells"] * (1 - cfg.data.val_fraction)) // cells_per_step)
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
-    loop_config = {"pretrain": cfg.to_dict(), "accelerator_plan": plan.to_dict(), "total_steps": total_steps,
-                   "vocab_name": vocab.name, "tracking_uri": cfg.tracking_uri(), "run_dir": str(run_dir),
-                   "has_val": "val" in datasets, "artifact_location": cfg.artifact_location()}
-    result = fit(train_loop_per_worker, loop_config, datasets=datasets, datasets_to_split=list(datasets), plan=plan,
+    run = PretrainRun(config=cfg, plan=plan, vocab_name=vocab.name, total_steps=total_steps, run_dir=str(run_dir),
+                      tracking_uri=cfg.tracking_uri(), artifact_location=cfg.artifact_location(), has_val="val" in datasets)
+    result = fit(train_loop_per_worker, run.to_dict(), datasets=datasets, datasets_to_split=list(datasets), plan=plan,
                  train_cfg=cfg.train)
     model_dir = Path(result.checkpoint.path) / "model"
     summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
@@ -246,3 +239,17 @@ def _median_length(manifest: dict) -> int:
         return 1024
     bin_index = int(np.searchsorted(np.cumsum(counts), counts.sum() / 2))
     return (bin_index + 1) * manifest["length_histogram"]["bin_width"]
+
+
+def format_pretrain_summary(summary: dict) -> str:
+    """What a person reads at the end of `geneformer-ray pretrain`."""
+    m = summary["metrics"]
+    lines = [f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> "
+             f"{m.get('final_loss') or float('nan'):.4f}"
+             + (f", validation loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""),
+             f"model (Hugging Face folder): {summary['model']}", f"checkpoint: {summary['checkpoint']}",
+             f"loss curve: {summary['loss_curve']}", f"metrics: {summary['metrics_file']}"]
+    if summary["tracking_uri"]:
+        lines.append(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
+                     + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
+    return "\n".join(lines)

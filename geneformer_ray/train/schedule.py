@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) -> float:
     """Multiplier of the peak learning rate at optimizer step ``step`` (0-based)."""
@@ -21,8 +23,6 @@ def lr_factor(step: int, *, schedule: str, warmup_steps: int, total_steps: int) 
 
 
 def build_scheduler(optimizer, *, schedule: str, warmup_steps: int, total_steps: int):
-    import torch
-
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, schedule=schedule, warmup_steps=warmup_steps, total_steps=total_steps)
     )

@@ -1,6 +1,7 @@
-"""Accelerator decisions: NPU (torch_npu, HCCL), CUDA (NCCL) or CPU (gloo).
+"""Run-time set-up: join or start Ray, and the accelerator decisions: NPU (torch_npu, HCCL), CUDA (NCCL)
+or CPU (gloo).
 
-    plan = plan_accelerator(AcceleratorConfig(type="auto"), ray.cluster_resources())
+    plan = plan_cluster(AcceleratorConfig(type="auto"), num_workers=8)   # Ray joined or started, plan checked
     TorchTrainer(..., torch_config=torch_config(plan), scaling_config=ScalingConfig(**scaling_kwargs(plan, 8)))
     # in each worker:
     device = worker_device(plan)
@@ -18,23 +19,33 @@ import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 
+import ray
+from pydantic import ConfigDict, Field, model_validator
+
+from geneformer_ray.settings import Settings
+
+# torch and Ray Train/Data are imported inside the functions that use them: the tokenize tasks and the
+# CLI's checks use this module too, and these imports cost ~3.6 s in every process that makes them.
+
 BACKENDS = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
 HCCL_DEFAULTS = {"HCCL_CONNECT_TIMEOUT": "120", "HCCL_EXEC_TIMEOUT": "1836"}
 
 
-@dataclass
-class AcceleratorConfig:
+class AcceleratorConfig(Settings):
+    model_config = ConfigDict(coerce_numbers_to_str=True)  # env values such as HCCL_BUFFSIZE: 200 are text
+
     type: str = "auto"  # auto | npu | cuda | cpu
     npu_resource: str = "NPU"  # Ray resource naming one NPU (another name simulates NPU nodes on CPU boxes)
     cpus_per_worker: int = 1
     precision: str = "auto"  # auto (bf16 on NPU/CUDA, fp32 on CPU) | bf16 | fp32
     timeout_s: int = 2400  # process-group timeout; must exceed the HCCL timeouts
-    env: dict[str, str] = field(default_factory=dict)  # extra worker env, e.g. HCCL_SOCKET_IFNAME, HCCL_BUFFSIZE
+    env: dict[str, str] = Field(default_factory=dict)  # extra worker env, e.g. HCCL_SOCKET_IFNAME, HCCL_BUFFSIZE
     # custom Ray resources each worker / model actor also asks for: pin work to labelled nodes, or
     # simulate accelerator nodes on CPU boxes ({"FAKE_NPU": 1} on nodes started with that resource)
-    worker_resources: dict[str, float] = field(default_factory=dict)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check(self):
         for name, amount in self.worker_resources.items():
             if name in ("CPU", "GPU", "memory") or not amount or float(amount) <= 0:
                 raise ValueError(f"accelerator.worker_resources[{name!r}]={amount!r}: name a custom Ray resource with a "
@@ -45,6 +56,7 @@ class AcceleratorConfig:
             raise ValueError(f"accelerator.precision={self.precision!r}: use auto, bf16 or fp32")
         if self.cpus_per_worker < 1:
             raise ValueError(f"accelerator.cpus_per_worker={self.cpus_per_worker} must be at least 1")
+        return self
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,45 @@ def cluster_check(plan: AcceleratorPlan, num_workers: int, cluster_resources: di
             )
 
 
+PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+
+
+def check_placement(strategy: str) -> None:
+    """Ray's placement-group strategies for the training workers."""
+    if strategy not in PLACEMENT_STRATEGIES:
+        raise ValueError(f"train.placement_strategy={strategy!r}: use one of {', '.join(PLACEMENT_STRATEGIES)} "
+                         "(SPREAD: one worker per node where it can)")
+
+
+# -- the driver's Ray --------------------------------------------------------------------------------
+def start_ray() -> None:
+    """Join the Ray cluster this runs in (``ray job submit`` sets RAY_ADDRESS; a node started with
+    ``ray start`` is found); with none, start a local one with at least 4 logical CPUs, because 2
+    training workers plus Ray Data need 3+ even on a 2-core machine. A no-op once Ray is up."""
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+        return
+    try:
+        ray.init(address="auto")
+    except ConnectionError:
+        # the dashboard (loopback only) serves the State API that Ray Train's placement-group cleaner polls:
+        # without it the workers of a stopped run (an ASHA-stopped trial) keep their CPUs for good
+        ray.init(address="local", num_cpus=max(4, os.cpu_count() or 1), include_dashboard=True, dashboard_host="127.0.0.1")
+
+
+def plan_cluster(config: AcceleratorConfig | None = None, *, num_workers: int | None = None) -> AcceleratorPlan:
+    """The one start of every Ray stage: Ray joined (or started), the accelerator planned from the
+    cluster's resources, and, for a training run of ``num_workers``, the cluster checked to fit it."""
+    start_ray()
+    resources = ray.cluster_resources()
+    plan = plan_accelerator(config or AcceleratorConfig(), resources)
+    if num_workers is not None:
+        cluster_check(plan, num_workers, resources)
+    return plan
+
+
 # -- worker side -----------------------------------------------------------------------------------
 def import_torch_npu():
     """The NPU seam: importing torch_npu registers the 'npu' device with torch."""
@@ -227,6 +278,13 @@ def default_num_actors(plan: AcceleratorPlan, cluster_resources: dict[str, float
     devices = {"cpu": cluster_resources.get("CPU", 2) - 1, "cuda": cluster_resources.get("GPU", 0),
                "npu": cluster_resources.get(plan.resource or "", 0)}[plan.kind]
     return max(1, int(devices))
+
+
+def plan_actor_pool(config: AcceleratorConfig | None = None, num_actors: int | None = None) -> tuple[AcceleratorPlan, int]:
+    """The accelerator plan and pool size of an inference stage (Ray joined or started first): the
+    number asked for, or one actor per NPU / GPU (CPUs: one per CPU but one)."""
+    plan = plan_cluster(config)
+    return plan, num_actors or default_num_actors(plan, ray.cluster_resources())
 
 
 def actor_pool(num_actors: int):

@@ -1,8 +1,8 @@
 """Hyperparameter search over fine-tuning: Ray Tune + Optuna (TPE, seeded) + ASHA, tracked in MLflow.
 
-    study, base = load_study("jobs/configs/tune_cell_type.yaml", ["study.num_trials=8"])
+    study, base = load_study("jobs/configs/tune_cell_type.yaml", ["study.num_trials=8"])   # geneformer_ray.hpo.config
     summary = tune_study(study, base)      # geneformer-ray tune --config ... [--resume]
-    print(format_study_summary(summary))   # from geneformer_ray.tune_outputs
+    print(format_study_summary(summary))   # geneformer_ray.hpo.outputs
 
 The study config names a fine-tuning config (any task) and a search space over its fields by dotted
 name. Each trial is a Tune driver function that prepares the task and fits its own multi-worker
@@ -16,137 +16,30 @@ parameter-importance plots.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from geneformer_ray.config import FinetuneConfig, Sectioned, load_config
+import optuna
+import ray
+import ray.data
+from optuna.trial import TrialState
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+from ray.tune.search.optuna import OptunaSearch
 
-DISTRIBUTIONS = ("loguniform", "uniform", "randint", "choice")
-TRIAL_RECORDS = "trial_records"  # <study>/trial_records/<trial id>.json, written when a trial completes
+from geneformer_ray.files import write_json
+from geneformer_ray.hpo.config import TRIAL_RECORDS, StudyConfig, StudyFile, apply_params, default_metric
+from geneformer_ray.hpo.outputs import mark_child_runs, trial_rows, trial_runs, write_outputs
+from geneformer_ray.runtime import plan_cluster
+from geneformer_ray.tracking import register_run_artifact, start_tracking
+from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.train.finetune import fit_split
+from geneformer_ray.train.prepare import prepare_task
 
-
-@dataclass
-class StudyConfig:
-    finetune: str = ""  # the fine-tuning config (YAML) every trial starts from
-    finetune_set: list[str] = field(default_factory=list)  # overrides of it, as with `finetune --set`
-    name: str = "study"
-    storage_path: str = "runs/tune"  # the study folder is <storage_path>/<name>
-    num_trials: int = 8
-    metric: str | None = None  # default: val_macro_f1 (cell), val_roc_auc (gene), val_<first column>_macro_f1 (multitask)
-    mode: str = "max"
-    searcher: str = "tpe"  # tpe (Optuna TPE) | random (Optuna random sampler)
-    seed: int = 0
-    startup_trials: int | None = None  # TPE's random trials before it models; default a third of the budget (2..10)
-    scheduler: str = "asha"  # asha (early stopping at evaluations) | none
-    grace_period: int = 1  # evaluations a trial always gets before ASHA may stop it
-    reduction_factor: int = 3
-    max_concurrent_trials: int | None = None  # default: what the cluster fits (accelerators / workers per trial)
-    points_to_evaluate: list[dict] = field(default_factory=list)  # trials to run first, {dotted name: value}
-
-    def validate(self):
-        if not self.finetune:
-            raise ValueError("study.finetune is empty; name a fine-tuning config, e.g. jobs/configs/finetune_cell_type.yaml")
-        if self.num_trials < 1:
-            raise ValueError(f"study.num_trials={self.num_trials} must be at least 1")
-        if self.mode not in ("max", "min"):
-            raise ValueError(f"study.mode={self.mode!r}: use max or min")
-        if self.searcher not in ("tpe", "random"):
-            raise ValueError(f"study.searcher={self.searcher!r}: use tpe or random")
-        if self.scheduler not in ("asha", "none"):
-            raise ValueError(f"study.scheduler={self.scheduler!r}: use asha or none")
-        if self.startup_trials is not None and self.startup_trials < 1:
-            raise ValueError(f"study.startup_trials={self.startup_trials} must be at least 1 (or null)")
-        if self.grace_period < 1 or self.reduction_factor < 2:
-            raise ValueError("study.grace_period must be >= 1 and study.reduction_factor >= 2")
-        if self.max_concurrent_trials is not None and self.max_concurrent_trials < 1:
-            raise ValueError(f"study.max_concurrent_trials={self.max_concurrent_trials} must be at least 1 (or null)")
-
-
-@dataclass
-class StudyFile(Sectioned):
-    study: StudyConfig = field(default_factory=StudyConfig)
-    space: dict[str, dict] = field(default_factory=dict)  # {dotted fine-tuning field: {loguniform: [lo, hi]} ...}
-
-    def validate(self):
-        super().validate()
-        if not self.space:
-            raise ValueError("space is empty; give at least one fine-tuning field, e.g. optim.lr: {loguniform: [1.0e-5, 1.0e-3]}")
-        return self
-
-
-def load_study(path: str | Path | None, overrides: list[str] | None = None) -> tuple[StudyFile, FinetuneConfig]:
-    """The study config and its base fine-tuning config, both checked (space keys, ranges) before any trial.
-    Overrides of ``study.*``/``space.*`` change the study; any other section (``tracking.uri=...``,
-    ``train.num_workers=...``) is a fine-tuning override, applied after ``study.finetune_set``."""
-    finetune_sections = {f.name for f in dataclasses.fields(FinetuneConfig)}
-    ours = [o for o in overrides or [] if o.partition(".")[0].partition("=")[0] not in finetune_sections]
-    theirs = [o for o in overrides or [] if o not in ours]
-    study = load_config(StudyFile, path, ours)  # space.optim.lr=...: one dimension; space.train.epochs=null: not searched
-    study.study.finetune_set = [*study.study.finetune_set, *theirs]
-    base_path = Path(study.study.finetune)
-    if not base_path.is_absolute() and path is not None and not base_path.exists():
-        base_path = Path(path).parent / base_path  # relative to the study file
-    study.study.finetune = str(base_path.absolute())
-    study.study.storage_path = str(Path(study.study.storage_path).absolute())
-    base = load_config(FinetuneConfig, base_path, study.study.finetune_set)
-    for name, spec in study.space.items():
-        _check_dimension(base, name, spec)
-    for point in study.study.points_to_evaluate:
-        unknown = sorted(set(point) - set(study.space))
-        if unknown:
-            raise ValueError(f"study.points_to_evaluate names {unknown}, which are not in space ({sorted(study.space)})")
-    return study, base
-
-
-def _check_dimension(base: FinetuneConfig, name: str, spec) -> None:
-    section, _, leaf = name.partition(".")
-    target = getattr(base, section, None)
-    if not leaf or target is None or not dataclasses.is_dataclass(target) or leaf not in {f.name for f in dataclasses.fields(target)}:
-        known = ", ".join(f"{s.name}.*" for s in dataclasses.fields(base))
-        raise ValueError(f"space key {name!r} is not a fine-tuning field; use a dotted field name of the fine-tuning "
-                         f"config ({known}), e.g. optim.lr")
-    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
-        raise ValueError(f"space.{name}: give one of {', '.join(DISTRIBUTIONS)}, e.g. {{loguniform: [1.0e-5, 1.0e-3]}}; got {spec!r}")
-    kind, values = next(iter(spec.items()))
-    if kind == "choice":
-        if not isinstance(values, list) or not values:
-            raise ValueError(f"space.{name}: choice needs a non-empty list of values")
-        samples = values
-    else:
-        if not (isinstance(values, list) and len(values) == 2 and all(isinstance(v, (int, float)) for v in values)):
-            raise ValueError(f"space.{name}: {kind} needs [low, high]; got {values!r}")
-        low, high = values
-        if not low < high:
-            raise ValueError(f"space.{name}: {kind} range [{low}, {high}] is empty or inverted; low must be below high")
-        if kind == "loguniform" and low <= 0:
-            raise ValueError(f"space.{name}: loguniform needs low > 0 (got {low})")
-        samples = [low, high]
-    for sample in samples:  # every value must make a valid fine-tuning config
-        try:
-            apply_params(base.to_dict(), {name: sample})
-        except ValueError as err:
-            raise ValueError(f"space.{name}: value {sample!r} makes an invalid fine-tuning config: {err}") from None
-
-
-def apply_params(base: dict, params: dict) -> FinetuneConfig:
-    """A fine-tuning config: ``base`` (a ``FinetuneConfig.to_dict()``) with dotted fields replaced."""
-    values = copy.deepcopy(base)
-    for name, value in params.items():
-        section, leaf = name.split(".", 1)
-        values[section][leaf] = value
-    return FinetuneConfig.from_dict(values).validate()
-
-
-def default_metric(base: FinetuneConfig) -> str:
-    if base.task.kind == "gene":
-        return "val_roc_auc"
-    if base.task.kind == "multitask":
-        return f"val_{base.task.label_columns[0]}_macro_f1"
-    return "val_macro_f1"
+# mlflow is imported where a study's runs are looked up: its import costs ~2.6 s in every trial process,
+# and studies with tracking off never need it.
 
 
 def max_concurrent_trials(plan, workers_per_trial: int, cpus_per_worker: int, resources: dict) -> int:
@@ -170,16 +63,6 @@ def max_concurrent_trials(plan, workers_per_trial: int, cpus_per_worker: int, re
 
 # -- one trial (a Tune driver function) --------------------------------------------------------------
 def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir: str) -> None:
-    import ray
-    import ray.data
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from geneformer_ray.accelerators import plan_accelerator
-    from geneformer_ray.train.finetune import _fit
-    from geneformer_ray.train.prepare import prepare_task
-    from geneformer_ray.corpus import write_json
-
     trial_id = tune.get_context().get_trial_id()
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's trial table is the progress display
     record_path = Path(study_dir) / TRIAL_RECORDS / f"{trial_id}.json"
@@ -189,9 +72,9 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir:
     cfg = apply_params(base, params)
     cfg.train.run_name = f"trial_{trial_id}"
     prepared = prepare_task(cfg)
-    plan = plan_accelerator(cfg.accelerator, ray.cluster_resources())
+    plan = plan_cluster(cfg.accelerator)  # inside the trial's process: Ray is up, the plan is the driver's
     tags = {"trial_id": trial_id, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})}
-    summary = _fit(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name, tags=tags,
+    summary = fit_split(cfg, plan, prepared, prepared["splits"][0], run_name=cfg.train.run_name, tags=tags,
                    callbacks=[TuneReportCallback()], tracking_run_id=_unfinished_child_run(cfg, trial_id))
     record = {"trial_id": trial_id, "model": summary["model"], "mlflow_run_id": summary["mlflow_run_id"],
               "params": params, "metrics": {k: v for k, v in summary["metrics"].items() if isinstance(v, (int, float))}}
@@ -201,8 +84,6 @@ def run_trial(params: dict, *, base: dict, parent_run_id: str | None, study_dir:
 def _unfinished_child_run(cfg: FinetuneConfig, trial_id: str) -> str | None:
     """The MLflow run an interrupted attempt of this trial left open: the restarted trial continues it
     (one child run per trial, however often the study was interrupted)."""
-    from geneformer_ray.tune_outputs import trial_runs
-
     runs = trial_runs(cfg, trial_id)
     return runs[0].info.run_id if runs else None
 
@@ -210,15 +91,6 @@ def _unfinished_child_run(cfg: FinetuneConfig, trial_id: str) -> str | None:
 # -- the study (driver) --------------------------------------------------------------------------------
 def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) -> dict:
     """Run the study (or, with ``resume``, continue an interrupted one in the same folder) and write its outputs."""
-    import ray
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from geneformer_ray.accelerators import cluster_check, plan_accelerator
-    from geneformer_ray.tracking import start_tracking
-    from geneformer_ray.corpus import write_json
-    from geneformer_ray.tune_outputs import mark_child_runs, trial_rows, write_outputs
-
     s = study.study
     study_dir = Path(s.storage_path) / s.name
     experiment = study_dir / "tune"  # Tune's own state: trials, searcher, scheduler
@@ -227,17 +99,13 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
     base.train.storage_path = str(study_dir)  # trials' runs, checkpoints and the MLflow store live in the study
     base.task.baseline = False
     register_as, base.tracking.register_as = base.tracking.register_as, None  # only the best model is registered
-    if not ray.is_initialized():
-        ray.init()
-    resources = ray.cluster_resources()
-    plan = plan_accelerator(base.accelerator, resources)
-    cluster_check(plan, base.train.num_workers, resources)
-    fit = max_concurrent_trials(plan, base.train.num_workers, base.accelerator.cpus_per_worker, resources)
+    plan = plan_cluster(base.accelerator, num_workers=base.train.num_workers)
+    fit = max_concurrent_trials(plan, base.train.num_workers, base.accelerator.cpus_per_worker, ray.cluster_resources())
     concurrent = min(s.max_concurrent_trials or fit, fit, s.num_trials)
     metric = s.metric or default_metric(base)
 
     parent = start_tracking(base.tracking_uri(), experiment=base.tracking.experiment, run_name=s.name, rank=0,
-                            params={"study": dataclasses.asdict(s), "space": study.space}, run_id=saved.get("mlflow_run_id"),
+                            params={"study": s.to_dict(), "space": study.space}, run_id=saved.get("mlflow_run_id"),
                             artifact_location=base.artifact_location(), tags={"geneformer.study": s.name})
     write_json(study_dir / "study.json", {"name": s.name, "space": study.space, "num_trials": s.num_trials,
                                            "mlflow_run_id": getattr(parent, "run_id", None)})
@@ -280,8 +148,6 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
 
 def _check_resume(study: StudyFile, study_dir: Path, experiment: Path, resume: bool) -> dict:
     """A new study never overwrites an old one; a resumed one must be the same study (same space and budget)."""
-    from ray import tune
-
     state_file = study_dir / "study.json"
     if not resume:
         if experiment.exists():
@@ -302,8 +168,6 @@ def _check_resume(study: StudyFile, study_dir: Path, experiment: Path, resume: b
 def _register_best(uri: str, run_id: str, name: str) -> str:
     import mlflow
 
-    from geneformer_ray.tracking import register_run_artifact
-
     return str(register_run_artifact(mlflow.MlflowClient(uri), run_id, name, "model"))
 
 
@@ -313,9 +177,6 @@ def _searcher(**kwargs):
     training: TPE then ranks stopped trials below every finished one, as it does with Optuna's own pruners,
     instead of mixing quarter-epoch values with final ones. A finished trial's last report carries
     ``final`` (the fine-tuning loop's last report); a stopped trial's last report does not."""
-    from optuna.trial import TrialState
-    from ray.tune.search.optuna import OptunaSearch
-
     class PruningAwareOptunaSearch(OptunaSearch):
         def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False):
             stopped = bool(result) and not error and not result.get("final") and trial_id not in self._completed_trials
@@ -328,8 +189,6 @@ def _searcher(**kwargs):
 
 
 def _sampler(s: StudyConfig):
-    import optuna
-
     if s.searcher == "random":
         return optuna.samplers.RandomSampler(seed=s.seed)
     startup = s.startup_trials or min(10, max(2, s.num_trials // 3))  # Optuna's 10 would make a small study random
@@ -337,8 +196,6 @@ def _sampler(s: StudyConfig):
 
 
 def _tune_dimension(spec: dict):
-    from ray import tune
-
     kind, values = next(iter(spec.items()))
     if kind == "choice":
         return tune.choice(values)

@@ -1,13 +1,15 @@
 """Statistics of an in-silico perturbation: per gene, its embedding shifts against the null's
-(two-sided Mann-Whitney U, Benjamini-Hochberg FDR), and the plot of shift against significance."""
+(two-sided Mann-Whitney U, Benjamini-Hochberg FDR). The plot of shift against significance is
+``geneformer_ray.infer.plots.plot_significance``."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
-
-from geneformer_ray.evaluate import _pyplot, _save_figure
+import pandas as pd
+import pyarrow.parquet as pq
+from scipy.stats import false_discovery_control, mannwhitneyu
 
 ORIGINAL = -1  # the gene_token of a row that records an unperturbed cell
 MIN_CELLS = 3  # genes perturbed in fewer cells get no test
@@ -15,9 +17,6 @@ MIN_CELLS = 3  # genes perturbed in fewer cells get no test
 
 def read_shifts(folder: str | Path):
     """Every part of a run's ``shifts/`` folder as one DataFrame (a row per cell and perturbed gene)."""
-    import pandas as pd
-    import pyarrow.parquet as pq
-
     parts = sorted(Path(folder).glob("part-*.parquet"))
     if not parts:
         return pd.DataFrame({"cell_id": [], "gene_token": [], "is_null": [], "shift": [], "goal_shift": []})
@@ -27,8 +26,6 @@ def read_shifts(folder: str | Path):
 
 def benjamini_hochberg(p_values) -> np.ndarray:
     """BH-adjusted p-values (NaN stays NaN and is not counted)."""
-    from scipy.stats import false_discovery_control
-
     p = np.asarray(p_values, np.float64)
     adjusted = np.full(p.shape, np.nan)
     tested = ~np.isnan(p)
@@ -40,9 +37,6 @@ def benjamini_hochberg(p_values) -> np.ndarray:
 def gene_statistics(shifts, vocab=None, *, metric: str = "shift", min_cells: int = MIN_CELLS):
     """One row per perturbed gene: cells, mean/median of ``metric`` (and of ``shift``), the null's mean,
     the U-test p-value against the null rows, BH FDR; sorted by FDR, then by effect."""
-    import pandas as pd
-    from scipy.stats import mannwhitneyu
-
     genes = shifts[(shifts["gene_token"] != ORIGINAL) & ~shifts["is_null"]]
     null = shifts.loc[shifts["is_null"], metric].dropna().to_numpy()
     rows = []
@@ -69,31 +63,3 @@ def _names(tokens, vocab, *, symbols: bool) -> list[str]:
     by_token = {t: g for g, t in vocab.token_ids.items()}
     ids = [by_token.get(int(t), str(t)) for t in tokens]
     return [vocab.gene_symbols.get(g, "") for g in ids] if symbols else ids
-
-
-def plot_significance(stats, path: str | Path, *, metric: str, title: str, fdr: float = 0.05, label_top: int = 12) -> Path:
-    """Each gene's mean shift (x) against -log10 FDR (y); genes under ``fdr`` highlighted, the top ones named."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
-    tested = stats[stats["fdr"].notna()]
-    x = tested[f"mean_{metric}"].to_numpy()
-    y = -np.log10(np.clip(tested["fdr"].to_numpy(), 1e-300, 1))
-    hit = tested["fdr"].to_numpy() < fdr
-    ax.scatter(x[~hit], y[~hit], s=10, color="0.6", linewidths=0, label=f"FDR >= {fdr}")
-    ax.scatter(x[hit], y[hit], s=14, color="tab:red", linewidths=0, label=f"FDR < {fdr} ({hit.sum()})")
-    for _, row in tested[hit].head(label_top).iterrows():  # the most significant hits, by name
-        ax.annotate(row["symbol"] or row["gene"], (row[f"mean_{metric}"], -np.log10(max(row["fdr"], 1e-300))), fontsize=7,
-                    xytext=(3, 2), textcoords="offset points")
-    if len(tested):
-        ax.axvline(float(tested[f"null_mean_{metric}"].iloc[0]), color="black", linewidth=0.6, linestyle="--",
-                   label="null mean")
-    ax.axhline(-np.log10(fdr), color="tab:red", linewidth=0.6, linestyle=":")
-    ax.set_xlabel({"shift": "mean shift (1 - cosine to the unperturbed cell)",
-                   "goal_shift": "mean shift towards the goal state (cosine gain)"}.get(metric, metric))
-    ax.set_ylabel("-log10 FDR (Mann-Whitney U vs null, BH)")
-    ax.set_title(f"{title}\n{len(tested):,} genes tested, {len(stats) - len(tested):,} in fewer than {MIN_CELLS} cells",
-                 fontsize=9)
-    ax.legend(fontsize=7, frameon=False)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    return _save_figure(fig, Path(path))

@@ -9,12 +9,20 @@ import json
 import math
 from pathlib import Path
 
+import optuna
 import yaml
+from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+from optuna.trial import TrialState, create_trial
 
-from geneformer_ray.config import FinetuneConfig, load_config
-from geneformer_ray.corpus import write_text_atomic
-from geneformer_ray.models import publish_model
-from geneformer_ray.tune import TRIAL_RECORDS, StudyFile, apply_params
+from geneformer_ray.files import atomic_file, write_text_atomic
+from geneformer_ray.hpo.config import TRIAL_RECORDS, StudyFile, apply_params
+from geneformer_ray.models.folders import publish_model
+from geneformer_ray.plots import pyplot, save_figure
+from geneformer_ray.settings import load_config
+from geneformer_ray.train.config import FinetuneConfig
+
+# mlflow is imported where a study's runs are looked up: its import costs ~2.6 s in every trial process,
+# and studies with tracking off never need it.
 
 
 def trial_rows(grid, study: StudyFile, metric: str, study_dir: Path) -> list[dict]:
@@ -93,13 +101,7 @@ def write_outputs(study: StudyFile, base: FinetuneConfig, rows: list[dict], metr
 
 def _optuna_plots(study: StudyFile, rows: list[dict], metric: str, study_dir: Path) -> list[str]:
     """Optuna's own plots, from an in-memory study holding every trial's parameters and final value."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import optuna
-    from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
-    from optuna.trial import TrialState, create_trial
-
+    pyplot()  # Optuna draws with matplotlib: on the Agg backend
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     distributions = {}
     for name, spec in study.space.items():
@@ -129,21 +131,18 @@ def _optuna_plots(study: StudyFile, rows: list[dict], metric: str, study_dir: Pa
         ax = ax[0] if hasattr(ax, "__len__") else ax
         ax.set_title(f"{study.study.name}: {ax.get_title()} ({metric})")
         ax.figure.tight_layout()
-        tmp = study_dir / f".{name}"
-        ax.figure.savefig(tmp, dpi=120, format="png")
-        tmp.rename(study_dir / name)
+        ax.figure.set_dpi(120)
+        save_figure(ax.figure, study_dir / name)
         written.append(str(study_dir / name))
     return written
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
     columns = list(dict.fromkeys(k for row in rows for k in row))
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.rename(path)
 
 
 def format_study_summary(summary: dict) -> str:

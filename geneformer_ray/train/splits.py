@@ -14,6 +14,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from sklearn.model_selection import StratifiedKFold
 
 SPLITS = ("train", "val", "test")
 
@@ -91,8 +92,6 @@ def split_from_id_lists(cell_ids: np.ndarray, id_lists: dict[str, str | Path]) -
 
 def gene_folds(genes: list[str], classes: list[str], *, num_folds: int = 5, seed: int = 0) -> list[tuple[list[str], list[str]]]:
     """Stratified k-fold over genes: [(train genes, test genes)] with every gene tested exactly once."""
-    from sklearn.model_selection import StratifiedKFold
-
     classes = np.asarray(classes)
     smallest = min(np.unique(classes, return_counts=True)[1])
     if num_folds < 2 or smallest < num_folds:

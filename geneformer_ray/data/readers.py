@@ -1,6 +1,6 @@
 """Read raw-count files (.h5ad, .loom) a range of cells at a time, straight from HDF5.
 
-    from geneformer_ray.readers import open_counts
+    from geneformer_ray.data.readers import open_counts
     with open_counts("pbmc3k.h5ad") as f:
         counts = f.read_counts(0, 1000)          # scipy CSR, cells x genes
 

@@ -1,6 +1,6 @@
 """Attention with fast dropout for CPU training: same law as ``torch.nn.functional.dropout``, ~5x cheaper.
 
-    from geneformer_ray.attention import use_sparse_attention_dropout
+    from geneformer_ray.models.attention import use_sparse_attention_dropout
     use_sparse_attention_dropout(model)     # a BertForMaskedLM / BertForSequenceClassification ...
 
 Geneformer's published models keep attention dropout (0.02 for the V1 flavours). PyTorch's fused CPU
@@ -19,6 +19,9 @@ from __future__ import annotations
 import math
 
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 IMPLEMENTATION = "geneformer_sparse_dropout"
 
@@ -70,8 +73,6 @@ class _SparseDropout(torch.autograd.Function):
 def attention_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling: float | None = None,
                       **kwargs):
     """A ``transformers`` attention function: stock SDPA unless training on CPU with dropout."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     if dropout == 0.0 or query.device.type != "cpu":
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     scaling = query.size(-1) ** -0.5 if scaling is None else scaling
@@ -91,9 +92,6 @@ def attention_forward(module, query, key, value, attention_mask, dropout: float 
 
 def use_sparse_attention_dropout(model) -> None:
     """Switch a ``transformers`` BERT model (in place) to ``attention_forward``."""
-    from transformers import AttentionInterface
-    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
-
     AttentionInterface.register(IMPLEMENTATION, attention_forward)
     AttentionMaskInterface.register(IMPLEMENTATION, sdpa_mask)  # the same boolean padding mask as SDPA
     model.set_attn_implementation(IMPLEMENTATION)

@@ -1,20 +1,24 @@
-"""Pictures of cell embeddings (PNG, written atomically): a UMAP coloured by a metadata column, and a
-heatmap of the embedding dimensions with cells grouped by a label column."""
+"""Pictures of inference results (PNG, written atomically): a UMAP of cell embeddings coloured by a
+metadata column, a heatmap of the embedding dimensions with cells grouped by a label column, and a
+perturbation's shift against its significance."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+from scipy.cluster.hierarchy import leaves_list, linkage
 
-from geneformer_ray.evaluate import _pyplot, _save_figure
+from geneformer_ray.infer.perturb_stats import MIN_CELLS
+from geneformer_ray.plots import pyplot, save_figure
 
 MAX_HEATMAP_CELLS = 2_000  # rows of the heatmap image; larger groups are subsampled (seeded), proportionally
 
 
 def umap_coordinates(embeddings: np.ndarray, *, seed: int = 0) -> np.ndarray:
     """(cells, 2) UMAP of the embeddings (cosine metric; seeded, so single-threaded and reproducible)."""
-    import umap
+    import umap  # lazy: its first import compiles numba code (~20 s); only UMAP plots need it
 
     neighbours = int(min(15, max(2, len(embeddings) - 1)))
     return umap.UMAP(n_neighbors=neighbours, min_dist=0.3, metric="cosine", random_state=seed, n_jobs=1).fit_transform(embeddings)
@@ -22,9 +26,7 @@ def umap_coordinates(embeddings: np.ndarray, *, seed: int = 0) -> np.ndarray:
 
 def plot_umap(embeddings: np.ndarray, values, path: str | Path, *, title: str, seed: int = 0) -> Path:
     """UMAP scatter coloured by ``values``: categories get a legend, numbers a colour bar."""
-    import pandas as pd
-
-    plt = _pyplot()
+    plt = pyplot()
     xy = umap_coordinates(embeddings, seed=seed)
     values = pd.Series(values).reset_index(drop=True)
     name = values.name or "value"
@@ -48,13 +50,11 @@ def plot_umap(embeddings: np.ndarray, values, path: str | Path, *, title: str, s
     ax.set_yticks([])
     ax.set_title(f"{title}\n{len(xy):,} cells coloured by {name}", fontsize=9)
     fig.tight_layout()
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
 
 
 def heatmap_rows(labels, *, max_cells: int = MAX_HEATMAP_CELLS, seed: int = 0) -> np.ndarray:
     """Row indices grouped by label (largest group first), each group subsampled in proportion."""
-    import pandas as pd
-
     labels = pd.Series(labels).astype(str).reset_index(drop=True)
     rng = np.random.default_rng(seed)
     share = min(1.0, max_cells / max(1, len(labels)))
@@ -69,10 +69,7 @@ def heatmap_rows(labels, *, max_cells: int = MAX_HEATMAP_CELLS, seed: int = 0) -
 def plot_heatmap(embeddings: np.ndarray, labels, path: str | Path, *, title: str, seed: int = 0) -> Path:
     """Cells (rows, grouped by label) x embedding dimensions (columns, ordered by hierarchical
     clustering), each dimension standardised across cells; a colour strip marks the groups."""
-    import pandas as pd
-    from scipy.cluster.hierarchy import leaves_list, linkage
-
-    plt = _pyplot()
+    plt = pyplot()
     labels = pd.Series(labels).astype(str).reset_index(drop=True)
     rows = heatmap_rows(labels, seed=seed)
     matrix = embeddings[rows]
@@ -95,4 +92,32 @@ def plot_heatmap(embeddings: np.ndarray, labels, path: str | Path, *, title: str
     ax.set_xlabel("embedding dimension (clustered)")
     ax.set_title(f"{title}\n{len(rows):,} cells grouped by {labels.name or 'label'} (z-scored per dimension)", fontsize=9)
     fig.colorbar(image, ax=ax, fraction=0.03, label="z-score")
-    return _save_figure(fig, Path(path))
+    return save_figure(fig, Path(path))
+
+
+def plot_significance(stats, path: str | Path, *, metric: str, title: str, fdr: float = 0.05, label_top: int = 12) -> Path:
+    """Each gene's mean shift (x) against -log10 FDR (y); genes under ``fdr`` highlighted, the top ones named."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(7, 5), dpi=120)
+    tested = stats[stats["fdr"].notna()]
+    x = tested[f"mean_{metric}"].to_numpy()
+    y = -np.log10(np.clip(tested["fdr"].to_numpy(), 1e-300, 1))
+    hit = tested["fdr"].to_numpy() < fdr
+    ax.scatter(x[~hit], y[~hit], s=10, color="0.6", linewidths=0, label=f"FDR >= {fdr}")
+    ax.scatter(x[hit], y[hit], s=14, color="tab:red", linewidths=0, label=f"FDR < {fdr} ({hit.sum()})")
+    for _, row in tested[hit].head(label_top).iterrows():  # the most significant hits, by name
+        ax.annotate(row["symbol"] or row["gene"], (row[f"mean_{metric}"], -np.log10(max(row["fdr"], 1e-300))), fontsize=7,
+                    xytext=(3, 2), textcoords="offset points")
+    if len(tested):
+        ax.axvline(float(tested[f"null_mean_{metric}"].iloc[0]), color="black", linewidth=0.6, linestyle="--",
+                   label="null mean")
+    ax.axhline(-np.log10(fdr), color="tab:red", linewidth=0.6, linestyle=":")
+    ax.set_xlabel({"shift": "mean shift (1 - cosine to the unperturbed cell)",
+                   "goal_shift": "mean shift towards the goal state (cosine gain)"}.get(metric, metric))
+    ax.set_ylabel("-log10 FDR (Mann-Whitney U vs null, BH)")
+    ax.set_title(f"{title}\n{len(tested):,} genes tested, {len(stats) - len(tested):,} in fewer than {MIN_CELLS} cells",
+                 fontsize=9)
+    ax.legend(fontsize=7, frameon=False)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))

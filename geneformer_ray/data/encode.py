@@ -2,7 +2,7 @@
 
     geneformer-ray tokenize pbmc3k.h5ad --vocab gc30M --out corpus/     # the distributed job (job.py)
 
-    from geneformer_ray.tokenize import tokenize_anndata
+    from geneformer_ray.data.encode import tokenize_anndata
     table = tokenize_anndata(adata, vocab="gc104M", obs_columns={"cell_type": "cell_type"})
 
 One cell: raw counts of vocabulary genes (duplicate Ensembl IDs summed), divided by the cell's
@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
 
-from geneformer_ray.vocab import Vocabulary, load_vocab
+from geneformer_ray.data.vocab import Vocabulary, load_vocab
 
 TARGET_SUM = 1e4
 RESERVED_COLUMNS = ("input_ids", "length", "cell_id", "counts")  # written by the tokenizer itself

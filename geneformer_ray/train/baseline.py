@@ -12,14 +12,15 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import anndata as ad
 import numpy as np
 import scipy.sparse as sp
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import accuracy_score, f1_score
 
 
 def log_normalised_counts(manifest: dict, cell_ids: list[str]) -> sp.csr_matrix:
     """(cells, genes) log1p(counts / total * 1e4) for ``cell_ids``, read from the corpus sources."""
-    import anndata as ad
-
     settings = manifest.get("settings", {})
     id_column = settings.get("cell_id_column")
     layer = settings.get("layer")
@@ -52,9 +53,6 @@ def log_normalised_counts(manifest: dict, cell_ids: list[str]) -> sp.csr_matrix:
 def logistic_regression_baseline(manifest: dict, cells: dict[str, dict], heads: dict[str, list[str]], *,
                                  max_iter: int = 2000) -> dict:
     """Per label column: test macro-F1 and accuracy of logistic regression fitted on the training cells."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-
     started = time.perf_counter()
     train_ids, test_ids = list(cells["train"]), list(cells["test"])
     features = log_normalised_counts(manifest, train_ids + test_ids)

@@ -32,13 +32,28 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from tqdm import tqdm
 
-from geneformer_ray.accelerators import AcceleratorConfig
-from geneformer_ray.corpus import write_json, write_text_atomic
-from geneformer_ray.embed import CellEncoder, length_sorted_chunks
-from geneformer_ray.perturb_stats import ORIGINAL  # the row recording an unperturbed cell (its similarity to the goal)
-
-KINDS = ("delete", "overexpress")
+from geneformer_ray.data.corpus import read_columns
+from geneformer_ray.files import atomic_file, write_json, write_text_atomic
+from geneformer_ray.infer.config import PerturbConfig
+from geneformer_ray.infer.embed import Embedder
+from geneformer_ray.infer.encoder import (
+    CellEncoder,
+    check_column_value,
+    check_model_and_corpus,
+    length_sorted_chunks,
+    read_cells,
+    read_cells_dataset,
+    select_cells,
+)
+from geneformer_ray.infer.perturb_stats import ORIGINAL, gene_statistics, read_shifts
+from geneformer_ray.infer.plots import plot_significance
+from geneformer_ray.runtime import actor_pool, actor_resources, plan_actor_pool
+from geneformer_ray.tracking import log_output_folder
 
 
 @dataclass
@@ -145,15 +160,10 @@ class Perturber:
                 "goal_shift": goal_shift}
 
     def _write(self, table: dict, cell_ids: list[str]) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         # named by its cells: a retried batch overwrites its own part instead of adding a duplicate
         name = hashlib.sha256("\n".join(sorted(cell_ids)).encode()).hexdigest()[:20]
-        folder = self.out / "shifts"
-        tmp = folder / f".part-{name}.tmp"
-        pq.write_table(pa.table({k: np.asarray(v) for k, v in table.items()}), tmp)
-        tmp.replace(folder / f"part-{name}.parquet")
+        with atomic_file(self.out / "shifts" / f"part-{name}.parquet") as tmp:
+            pq.write_table(pa.table({k: np.asarray(v) for k, v in table.items()}), tmp)
 
 
 def resolve_genes(genes: list[str], vocab) -> tuple[list[str], list[str]]:
@@ -165,80 +175,48 @@ def resolve_genes(genes: list[str], vocab) -> tuple[list[str], list[str]]:
     return list(dict.fromkeys(found)), missing
 
 
-def parse_state(text: str | None, flag: str) -> list[str] | None:
-    if text is None:
-        return None
-    column, sep, value = text.partition("=")
-    if not sep or not column or not value:
-        raise ValueError(f"{flag} {text!r}: use COLUMN=VALUE, e.g. {flag} cell_type=B")
-    return [column, value]
-
-
-def perturb(model_dir: str | Path, corpus: str | Path, out: str | Path, *, perturbation: str, genes: list[str] | None = None,
-            all_genes: bool = False, start_state: str | None = None, goal_state: str | None = None, layer: int = -1,
-            max_cells: int | None = None, max_state_cells: int = 1_000, null_genes: int = 5, seed: int = 0,
-            batch_size: int = 64, cells_per_batch: int = 8, num_actors: int | None = None,
-            accelerator: AcceleratorConfig | None = None, tracking_uri: str | None = None,
-            experiment: str = "geneformer-perturb", overwrite: bool = False, progress: bool = True) -> dict:
-    """Run (or resume) an in-silico perturbation into ``out``; returns a summary."""
-    import ray
-
-    from geneformer_ray.accelerators import default_num_actors, plan_accelerator
-    from geneformer_ray.embed import check_column_value, check_model_and_corpus, select_cells
-
+def perturb(cfg: PerturbConfig) -> dict:
+    """Run (or resume) an in-silico perturbation into ``cfg.out``; returns a summary."""
     started = time.perf_counter()
-    if perturbation not in KINDS:
-        raise ValueError(f"--perturbation {perturbation!r}: use delete or overexpress")
-    if bool(genes) == all_genes:
-        raise ValueError("pass either --genes ID ... or --all-genes (one of the two)")
-    if null_genes < 1:
-        raise ValueError(f"--null-genes {null_genes} must be at least 1 (the null the statistics test against)")
+    model_dir, corpus, layer, seed = cfg.model, cfg.corpus, cfg.layer, cfg.seed
     manifest, _, vocab = check_model_and_corpus(model_dir, corpus, layer)
-    skipped: list[str] = []
+    genes, skipped = list(cfg.genes), []
     if genes:
         genes, skipped = resolve_genes(genes, vocab)
         if not genes:
             raise ValueError(f"--genes: none of {skipped} is a gene of the {vocab.name} vocabulary; pass Ensembl IDs "
                              "or symbols it knows (geneformer-ray vocab ... lists it)")
-    start, goal = parse_state(start_state, "--start-state"), parse_state(goal_state, "--goal-state")
-    if (start is None) != (goal is None):
-        raise ValueError("--start-state and --goal-state go together (cells of the start state are moved towards the goal)")
+    start, goal = cfg.states
     for state, flag in ((start, "--start-state"), (goal, "--goal-state")):
         if state:
             check_column_value(manifest, corpus, state[0], state[1], flag)
-    params = PerturbParams(model=str(Path(model_dir).absolute()), corpus=str(Path(corpus).absolute()),
-                           perturbation=perturbation, genes=list(genes or []), start_state=start, goal_state=goal,
-                           layer=layer, max_cells=max_cells, null_genes=null_genes, seed=seed)
-    out = Path(out).absolute()
-    saved = _open_output(out, params, overwrite)
-    cell_ids = select_cells(corpus, max_cells=max_cells, where=tuple(start) if start else None, seed=seed)
+    params = PerturbParams(model=model_dir, corpus=corpus, perturbation=cfg.perturbation, genes=genes, start_state=start,
+                           goal_state=goal, layer=layer, max_cells=cfg.max_cells, null_genes=cfg.null_genes, seed=seed)
+    out = Path(cfg.out)
+    saved = _open_output(out, params, cfg.overwrite)
+    cell_ids = select_cells(corpus, max_cells=cfg.max_cells, where=tuple(start) if start else None, seed=seed)
     if cell_ids is None:
-        from geneformer_ray.corpus import read_columns
-
         cell_ids = read_columns(corpus, ["cell_id"]).column(0).to_pylist()
     done = _finished_cells(out)
     todo = [c for c in cell_ids if c not in done]
 
-    if not ray.is_initialized():
-        ray.init()
-    plan = plan_accelerator(accelerator or AcceleratorConfig(), ray.cluster_resources())
-    num_actors = num_actors or default_num_actors(plan, ray.cluster_resources())
+    plan, num_actors = plan_actor_pool(cfg.accelerator, cfg.num_actors)
     goal_embedding = saved.get("goal_embedding")
     if goal and goal_embedding is None:
-        goal_cells = select_cells(corpus, max_cells=max_state_cells, where=tuple(goal), seed=seed)
+        goal_cells = select_cells(corpus, max_cells=cfg.max_state_cells, where=tuple(goal), seed=seed)
         goal_embedding = mean_embedding(model_dir, corpus, goal_cells, layer=layer, plan=plan, num_actors=num_actors)
     write_json(out / "perturb.json", {"params": asdict(params), "goal_embedding": goal_embedding,
                                        "genes_not_in_vocab": skipped})
     if todo:
-        _run(model_dir, corpus, out, plan, params, todo, goal_embedding, batch_size=batch_size,
-             cells_per_batch=cells_per_batch, num_actors=num_actors, progress=progress)
-    from geneformer_ray.perturb_stats import gene_statistics, plot_significance, read_shifts
+        _run(model_dir, corpus, out, plan, params, todo, goal_embedding, batch_size=cfg.batch_size,
+             cells_per_batch=cfg.cells_per_batch, num_actors=num_actors, progress=cfg.progress)
 
+    metric = "goal_shift" if goal else "shift"
     shifts = read_shifts(out / "shifts")
-    stats = gene_statistics(shifts, vocab, metric="goal_shift" if goal else "shift")
+    stats = gene_statistics(shifts, vocab, metric=metric)
     write_text_atomic(out / "gene_stats.csv", stats.to_csv(index=False))
-    plot_significance(stats, out / "shift_vs_significance.png", metric="goal_shift" if goal else "shift",
-                      title=f"{perturbation}, {Path(model_dir).name}, {len(cell_ids):,} cells")
+    plot_significance(stats, out / "shift_vs_significance.png", metric=metric,
+                      title=f"{cfg.perturbation}, {Path(model_dir).name}, {len(cell_ids):,} cells")
     cells = int(shifts.loc[shifts["gene_token"] == ORIGINAL, "cell_id"].nunique())
     summary = {"params": asdict(params), "cells": cells, "cells_resumed": len(cell_ids) - len(todo),
                "perturbations": int((~shifts["is_null"] & (shifts["gene_token"] != ORIGINAL)).sum()),
@@ -248,11 +226,10 @@ def perturb(model_dir: str | Path, corpus: str | Path, out: str | Path, *, pertu
     if genes:
         summary["genes_not_in_any_cell"] = sorted(set(genes) - set(stats["gene"]))
     write_json(out / "summary.json", summary)
-    if tracking_uri:
-        from geneformer_ray.embed import log_outputs
-
-        summary["mlflow_run_id"] = log_outputs(tracking_uri, experiment, f"perturb-{perturbation}", asdict(params), out,
-                                               {k: summary[k] for k in ("cells", "perturbations", "genes_tested")})
+    if cfg.tracking_uri:
+        summary["mlflow_run_id"] = log_output_folder(cfg.tracking_uri, cfg.experiment, f"perturb-{cfg.perturbation}",
+                                                     asdict(params), out,
+                                                     {k: summary[k] for k in ("cells", "perturbations", "genes_tested")})
     return summary
 
 
@@ -260,11 +237,6 @@ def _run(model_dir, corpus, out: Path, plan, params: PerturbParams, todo: list[s
          cells_per_batch: int, num_actors: int, progress: bool) -> None:
     """The cells still to do, as blocks of ``cells_per_batch`` (perturbation is compute-bound: small blocks
     keep every actor busy), through the actor pool; one progress bar in cells."""
-    import ray.data
-    from tqdm import tqdm
-
-    from geneformer_ray.accelerators import actor_pool, actor_resources
-
     cells = read_cells(corpus, todo)
     blocks = [cells.slice(i, cells_per_batch) for i in range(0, cells.num_rows, cells_per_batch)]
     ctx = ray.data.DataContext.get_current()
@@ -283,24 +255,8 @@ def _run(model_dir, corpus, out: Path, plan, params: PerturbParams, todo: list[s
         ctx.enable_progress_bars = bars
 
 
-def read_cells(corpus, cell_ids: list[str]):
-    """The tokens of some cells (one shard at a time, filtered while reading), in corpus order."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    from geneformer_ray.corpus import shard_paths
-
-    wanted = pa.array(list(cell_ids), pa.string())
-    tables = [pq.read_table(p, columns=["cell_id", "input_ids", "length"], filters=[("cell_id", "in", wanted)])
-              for p in shard_paths(corpus)]
-    return pa.concat_tables(tables)
-
-
 def mean_embedding(model_dir, corpus, cell_ids: list[str], *, layer: int, plan, num_actors: int) -> list[float]:
     """The mean cell embedding (gene-token mean at ``layer``) of some cells: a state's centre."""
-    from geneformer_ray.accelerators import actor_pool, actor_resources
-    from geneformer_ray.embed import Embedder, read_cells_dataset
-
     ds = read_cells_dataset(corpus, columns=["input_ids", "length", "cell_id"], cell_ids=cell_ids).map_batches(
         Embedder, fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "plan": plan.to_dict(),
                                          "layer": layer, "mode": "mean", "batch_size": 32},
@@ -331,7 +287,7 @@ def _open_output(out: Path, params: PerturbParams, overwrite: bool) -> dict:
             raise ValueError(f"--out {out} holds a perturbation run with other parameters ({', '.join(changed)}); "
                              "re-run with the same ones to resume it, or choose another --out (or pass --overwrite)")
         (out / "shifts").mkdir(exist_ok=True)
-        for stale in (out / "shifts").glob(".part-*.tmp"):  # a batch the interrupted run did not finish
+        for stale in (out / "shifts").glob(".part-*.tmp*"):  # a batch the interrupted run did not finish
             stale.unlink()
         return saved
     (out / "shifts").mkdir(parents=True, exist_ok=True)
@@ -339,8 +295,6 @@ def _open_output(out: Path, params: PerturbParams, overwrite: bool) -> dict:
 
 
 def _finished_cells(out: Path) -> set[str]:
-    import pyarrow.parquet as pq
-
     done: set[str] = set()
     for part in sorted((out / "shifts").glob("part-*.parquet")):
         done.update(pq.read_table(part, columns=["cell_id"]).column(0).to_pylist())

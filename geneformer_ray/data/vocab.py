@@ -7,7 +7,7 @@ A vocabulary is four dictionaries (tokens, non-zero medians, symbol -> Ensembl I
 current Ensembl ID) plus the model input size and special tokens. It is identified by the sha256 of
 its token table, which every corpus manifest and saved model carries.
 
-On disk (the format shipped for the presets under ``geneformer_ray/data/vocab/``)::
+On disk (the format shipped for the presets under ``geneformer_ray/resources/vocab/``)::
 
     vocab.json            name, model_input_size, special tokens, sha256
     tokens.tsv.gz         token <TAB> id            (pad, mask, [cls, eos], then genes)
@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 
 PRESETS = {"gc30M": "gc30M", "gc104M": "gc104M", "V1": "gc30M", "V2": "gc104M"}
-PRESET_DIR = Path(__file__).parent / "data" / "vocab"
+PRESET_DIR = Path(__file__).parent.parent / "resources" / "vocab"
 FORMAT_VERSION = 1
 SPECIAL_TOKENS = ("<pad>", "<mask>", "<cls>", "<eos>")
 _ENSEMBL_VERSION = re.compile(r"^(ENS[A-Z]*G\d+)\.\d+$")

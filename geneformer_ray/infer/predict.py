@@ -11,13 +11,22 @@ class). The output folder appears complete or not at all.
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import torch
 
-from geneformer_ray.accelerators import AcceleratorConfig
+from geneformer_ray.data.corpus import read_corpus, read_manifest
+from geneformer_ray.files import discard_output, finalize_output, prepare_output, write_json
+from geneformer_ray.infer.config import PredictConfig
+from geneformer_ray.infer.encoder import length_sorted_chunks
+from geneformer_ray.models.folders import check_corpus_vocab, model_vocab, read_model_config
+from geneformer_ray.models.tasks import model_class
+from geneformer_ray.runtime import actor_device, actor_pool, actor_resources, autocast, pad_multiple, plan_actor_pool
+from geneformer_ray.train.collate import pad_cells
 
 KINDS = {"BertForSequenceClassification": "cell", "BertForTokenClassification": "gene",
          "BertForMultitaskCellClassification": "multitask"}
@@ -25,11 +34,7 @@ KINDS = {"BertForSequenceClassification": "cell", "BertForTokenClassification": 
 
 def model_kind(model_dir: str | Path) -> tuple[str, dict[str, list[str]]]:
     """The task kind of a saved fine-tuned model and its class names per head."""
-    from transformers import AutoConfig
-
-    if not (Path(model_dir) / "config.json").exists():
-        raise ValueError(f"--model {model_dir} is not a model folder (no config.json); pass a fine-tuned model's folder")
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = read_model_config(model_dir)
     architecture = (config.architectures or ["?"])[0]
     if architecture not in KINDS:
         raise ValueError(f"--model {model_dir} is a {architecture}, not a fine-tuned classifier "
@@ -44,26 +49,14 @@ class Classifier:
     """A model actor for ``Dataset.map_batches``: loads the model once, predicts numpy batches."""
 
     def __init__(self, model_dir: str, plan: dict, pad_id: int, batch_size: int):
-        from geneformer_ray.accelerators import actor_device, pad_multiple
-        from geneformer_ray.tasks import model_class
-
         self.kind, self.heads = model_kind(model_dir)
         self.plan, self.pad_id, self.batch_size = plan, pad_id, batch_size
         self.device = actor_device(plan)
         self.pad_multiple = pad_multiple(plan)
         self.model = model_class(self.kind).from_pretrained(model_dir, local_files_only=True).to(self.device).eval()
-        from geneformer_ray.models import model_vocab
-
         self.special_ids = np.array(sorted(model_vocab(self.model.config).special_token_ids.values()))
 
     def __call__(self, batch: dict) -> dict:
-        from geneformer_ray.accelerators import autocast
-        from geneformer_ray.collate import pad_cells
-
-        import torch
-
-        from geneformer_ray.embed import length_sorted_chunks
-
         parts: list[dict] = []
         for rows in length_sorted_chunks(batch["length"], self.batch_size):
             input_ids, attention_mask = pad_cells([batch["input_ids"][i] for i in rows], pad_id=self.pad_id,
@@ -75,8 +68,6 @@ class Classifier:
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _rows(self, outputs, cell_ids, input_ids) -> dict:
-        import torch
-
         if self.kind == "multitask":
             out = {"cell_id": np.asarray(cell_ids, dtype=object)}
             for head, names in self.heads.items():
@@ -97,31 +88,21 @@ class Classifier:
                 **{f"sum_prob_{n}": sums[:, i] for i, n in enumerate(names)}}
 
 
-def predict(model_dir: str | Path, corpus: str | Path, out: str | Path, *, batch_size: int = 32, num_actors: int | None = None,
-            accelerator: AcceleratorConfig | None = None, overwrite: bool = False) -> dict:
-    """Predict every cell of ``corpus`` with the fine-tuned model in ``model_dir``; returns a summary."""
-    import ray
-    import ray.data
-    from transformers import AutoConfig
-
-    from geneformer_ray.accelerators import actor_pool, actor_resources, default_num_actors, plan_accelerator
-    from geneformer_ray.corpus import discard_output, finalize_output, prepare_output, read_corpus, read_manifest
-    from geneformer_ray.models import check_corpus_vocab, model_vocab
-
+def predict(cfg: PredictConfig) -> dict:
+    """Predict every cell of the corpus with the fine-tuned model; returns a summary."""
     started = time.perf_counter()
+    model_dir, corpus = cfg.model, cfg.corpus
     kind, heads = model_kind(model_dir)
     manifest = read_manifest(corpus)
-    config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    config = read_model_config(model_dir)
     check_corpus_vocab(config, manifest, corpus=corpus)
     vocab = model_vocab(config)
-    if not ray.is_initialized():
-        ray.init()
-    plan = plan_accelerator(accelerator or AcceleratorConfig(), ray.cluster_resources())
-    num_actors = num_actors or default_num_actors(plan, ray.cluster_resources())
-    tmp = prepare_output(out, overwrite=overwrite)
+    plan, num_actors = plan_actor_pool(cfg.accelerator, cfg.num_actors)
+    batch_size = cfg.batch_size
+    tmp = prepare_output(cfg.out, overwrite=cfg.overwrite)
     try:
         ds = read_corpus(corpus, columns=["input_ids", "length", "cell_id"]).map_batches(
-            Classifier, fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "plan": plan.to_dict(),
+            Classifier, fn_constructor_kwargs={"model_dir": model_dir, "plan": plan.to_dict(),
                                                "pad_id": vocab.pad_id, "batch_size": batch_size},
             batch_size=max(256, batch_size), batch_format="numpy", compute=actor_pool(num_actors),
             **actor_resources(plan))
@@ -136,27 +117,23 @@ def predict(model_dir: str | Path, corpus: str | Path, out: str | Path, *, batch
             rows = sum(len(p) for p in _read_parts(tmp / "predictions"))
             if rows != manifest["num_cells"]:
                 raise RuntimeError(f"predicted {rows:,} cells but the corpus has {manifest['num_cells']:,}")
-        summary = {"model": str(Path(model_dir).absolute()), "corpus": str(Path(corpus).absolute()), "kind": kind,
+        summary = {"model": model_dir, "corpus": corpus, "kind": kind,
                    "heads": heads, "rows": rows, "actors": num_actors, "device": plan.kind,
                    "seconds": round(time.perf_counter() - started, 1)}
-        (tmp / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(tmp / "summary.json", summary)
     except BaseException:
         discard_output(tmp)
         raise
-    summary["out"] = str(finalize_output(tmp, out))
+    summary["out"] = str(finalize_output(tmp, cfg.out))
     return summary
 
 
 def _read_parts(folder: Path):
-    import pyarrow.parquet as pq
-
     return [pq.read_table(p) for p in sorted(folder.glob("*.parquet"))]
 
 
 def _per_gene(grouped, names: list[str], vocab):
     """Mean probability per gene from the summed probabilities and cell counts."""
-    import pandas as pd
-
     genes = {t: g for g, t in vocab.token_ids.items()}
     table = pd.DataFrame({"gene": [genes.get(int(t), str(t)) for t in grouped["gene_token"]],
                           "gene_token": grouped["gene_token"].astype(np.int64), "cells": grouped["cells"].astype(np.int64)})

@@ -12,18 +12,29 @@ from __future__ import annotations
 
 import glob
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict
 from pathlib import Path
 
+import anndata
 import numpy as np
 import pyarrow.parquet as pq
+import ray
+from tqdm import tqdm
 
-from geneformer_ray import corpus as corpus_io
-from geneformer_ray.readers import SUPPORTED_SUFFIXES, open_counts
-from geneformer_ray.tokenize import (
-    GenePlan, TokenizeOptions, count_problems, encode_cells, format_problems, plan_genes,
+from geneformer_ray.data.corpus import PARQUET_COMPRESSION, write_manifest
+from geneformer_ray.data.encode import (
+    GenePlan,
+    TokenizeOptions,
+    count_problems,
+    encode_cells,
+    format_problems,
+    plan_genes,
 )
-from geneformer_ray.vocab import Vocabulary, load_vocab
+from geneformer_ray.data.readers import SUPPORTED_SUFFIXES, open_counts
+from geneformer_ray.data.vocab import Vocabulary, load_vocab
+from geneformer_ray.files import discard_output, finalize_output, prepare_output, sha256_file
+from geneformer_ray.runtime import start_ray
 
 
 def expand_inputs(inputs: list[str | Path]) -> list[Path]:
@@ -93,16 +104,18 @@ def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_i
         keep = np.asarray(keep == 1, dtype=bool)
     table, stats = encode_cells(counts, n_counts=n_counts, keep=keep, cell_ids=cell_ids, metadata=metadata,
                                 plan=gene_plan, keep_counts=options.keep_counts)
-    pq.write_table(table, shard_path, compression=corpus_io.PARQUET_COMPRESSION)
+    pq.write_table(table, shard_path, compression=PARQUET_COMPRESSION)
     stats["cells_at_input_size"] = int((table["length"].to_numpy() >= gene_plan.model_input_size).sum())
     return stats
 
 
-def tokenize(inputs: list[str | Path], out: str | Path, *, vocab: str | Vocabulary = "gc30M",
-             options: TokenizeOptions | None = None, cells_per_shard: int = 10_000, executor: str = "ray",
-             overwrite: bool = False, progress: bool = True) -> dict:
-    """Tokenize count files into a corpus folder; returns its manifest (``summary`` inside).
+def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", options: TokenizeOptions | None = None,
+             cells_per_shard: int = 10_000, executor: str = "ray", overwrite: bool = False, progress: bool = True) -> dict:
+    """Tokenize count files (and in-memory AnnData objects) into a corpus folder; returns its manifest
+    (``summary`` inside).
 
+    ``inputs``: .h5ad/.loom files, folders, glob patterns, or ``anndata.AnnData`` objects; an AnnData is
+    kept in the corpus as ``sources/anndata-N.h5ad`` (the counts the baseline and ``embed --h5ad`` read).
     ``executor='ray'`` runs one Ray task per shard (connecting to, or starting, a Ray instance);
     ``'local'`` runs them one after another in this process.
     """
@@ -112,11 +125,18 @@ def tokenize(inputs: list[str | Path], out: str | Path, *, vocab: str | Vocabula
         raise ValueError(f"cells_per_shard={cells_per_shard} must be at least 1")
     options = options or TokenizeOptions()
     vocab = load_vocab(vocab)
-    files = expand_inputs(inputs)
+    inputs = [inputs] if isinstance(inputs, (str, Path, anndata.AnnData)) else list(inputs)
+    in_memory = [item for item in inputs if isinstance(item, anndata.AnnData)]
+    files = expand_inputs([item for item in inputs if not isinstance(item, anndata.AnnData)]) if len(in_memory) < len(inputs) else []
     started = time.perf_counter()
-    plans = [plan_file(p, vocab, options) for p in files]
-    tmp = corpus_io.prepare_output(out, overwrite=overwrite)
+    tmp = prepare_output(out, overwrite=overwrite)
+    final = Path(out).absolute()
     try:
+        for i, adata in enumerate(in_memory):
+            files.append(tmp / "sources" / f"anndata-{i}.h5ad")
+            files[-1].parent.mkdir(exist_ok=True)
+            adata.write_h5ad(files[-1])
+        plans = [plan_file(p, vocab, options) for p in files]
         jobs = [
             dict(path=plan["path"], start=s, stop=min(plan["n_cells"], s + cells_per_shard), gene_plan=plan["gene_plan"],
                  var_ids=plan["var_ids"], options=asdict(options), obs_columns=plan["obs_columns"],
@@ -125,7 +145,8 @@ def tokenize(inputs: list[str | Path], out: str | Path, *, vocab: str | Vocabula
             for i, plan in enumerate(plans) for s in range(0, plan["n_cells"], cells_per_shard)
         ]
         results, hashes = _run(jobs, files, executor, progress)
-        sources = _sources(plans, jobs, results, hashes)
+        sources = _sources(plans, jobs, results, hashes, recorded=lambda path: final / path.relative_to(tmp)
+                           if path.is_relative_to(tmp) else path)
         _raise_on_problems(sources)
         summary = _summarize(sources, vocab, time.perf_counter() - started)
         if summary["cells_out"] == 0:
@@ -133,20 +154,18 @@ def tokenize(inputs: list[str | Path], out: str | Path, *, vocab: str | Vocabula
                 f"every cell was dropped ({summary['cells_filtered']:,} by {options.filter_column!r} != 1, "
                 f"{summary['cells_no_vocab_gene']:,} with no {vocab.name} gene); check the filter column and the gene IDs"
             )
-        manifest = corpus_io.write_manifest(tmp, vocab=vocab, shard_files=[j["shard_path"] for j in jobs if j["shard_path"].exists()],
+        manifest = write_manifest(tmp, vocab=vocab, shard_files=[j["shard_path"] for j in jobs if j["shard_path"].exists()],
                                             sources=sources, summary=summary, settings={"cells_per_shard": cells_per_shard, **asdict(options)})
         (tmp / "summary.txt").write_text(format_summary(manifest) + "\n")
     except BaseException:
-        corpus_io.discard_output(tmp)
+        discard_output(tmp)
         raise
-    corpus_io.finalize_output(tmp, out)
+    finalize_output(tmp, out)
     return manifest
 
 
 def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> tuple[list[dict], list[str]]:
     """Run the shard jobs (and hash the inputs alongside); returns (per-job stats, per-file sha256)."""
-    from tqdm import tqdm
-
     bar = tqdm(total=sum(j["stop"] - j["start"] for j in jobs), unit="cells", desc="tokenize", disable=not progress)
     if executor == "local":
         results = []
@@ -154,16 +173,12 @@ def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> 
             results.append(tokenize_range(**job))
             bar.update(job["stop"] - job["start"])
         bar.close()
-        return results, [corpus_io.sha256_file(p) for p in files]
-    from concurrent.futures import ThreadPoolExecutor
-    import ray
-
+        return results, [sha256_file(p) for p in files]
     started_ray = not ray.is_initialized()
-    if started_ray:
-        ray.init()
+    start_ray()
     hasher = ThreadPoolExecutor(max_workers=1)  # the driver mostly waits: hash the inputs meanwhile
     try:
-        hashes = [hasher.submit(corpus_io.sha256_file, p) for p in files]
+        hashes = [hasher.submit(sha256_file, p) for p in files]
         task = ray.remote(num_cpus=1, max_retries=2)(tokenize_range)
         shared = {}  # each large argument goes into the object store once, not once per task
         for job in jobs:
@@ -196,11 +211,12 @@ def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> 
             ray.shutdown()
 
 
-def _sources(plans, jobs, results, hashes) -> list[dict]:
+def _sources(plans, jobs, results, hashes, recorded) -> list[dict]:
+    """Per input: where it lies once the corpus is in place (``recorded``), its hash, genes and cell counts."""
     sources = []
     for plan, digest in zip(plans, hashes):
         mine = [r for j, r in zip(jobs, results) if j["path"] == plan["path"]]
-        source = {"path": str(plan["path"]), "sha256": digest, "cells": plan["n_cells"], "genes": plan["gene_plan"].stats,
+        source = {"path": str(recorded(plan["path"])), "sha256": digest, "cells": plan["n_cells"], "genes": plan["gene_plan"].stats,
                   "n_counts": "obs" if plan["n_counts_from_obs"] else "computed from the matrix", "warnings": plan["warnings"]}
         problems = [r for r in mine if "problems" in r]
         if problems:

@@ -1,0 +1,101 @@
+"""Geneformer model flavours (named sizes), building them, and the masked-gene objective.
+
+    model = build_model("gf-6L-10M-i2048")            # BertForMaskedLM, gc30M vocabulary
+    objective = MaskedGeneObjective(model)            # forward(...) -> MLM loss at masked positions only
+
+Every flavour is a ``BertForMaskedLM`` with ReLU, absolute positions, LayerNorm eps 1e-12 and pad
+id 0; its config records the vocabulary (name + sha256), which ``geneformer_ray.models.folders``
+reads back when a saved model is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertForMaskedLM
+
+from geneformer_ray.data.vocab import Vocabulary, load_vocab
+
+VOCAB_NAME_KEY = "geneformer_vocab_name"
+VOCAB_HASH_KEY = "geneformer_vocab_sha256"
+
+
+@dataclass(frozen=True)
+class Flavour:
+    """A named model size; ``vocab`` is its default vocabulary (the one it was published with)."""
+
+    vocab: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    dropout: float
+    attention_dropout: float | None = None  # default: dropout
+
+
+FLAVOURS: dict[str, Flavour] = {
+    # tiny: tests and the quickstart; no attention dropout keeps CPU attention on the fused kernel (~2x)
+    "tiny": Flavour("gc30M", num_layers=2, hidden_size=64, num_heads=2, intermediate_size=128, dropout=0.02,
+                    attention_dropout=0.0),
+    "gf-6L-10M-i2048": Flavour("gc30M", 6, 256, 4, 512, 0.02),
+    "gf-12L-40M-i2048": Flavour("gc30M", 12, 512, 8, 1024, 0.02),
+    "gf-12L-38M-i4096": Flavour("gc104M", 12, 512, 8, 1024, 0.02),
+    "gf-20L-151M-i4096": Flavour("gc104M", 20, 896, 14, 1792, 0.02),
+    "gf-12L-104M-i4096": Flavour("gc104M", 12, 768, 12, 3072, 0.1),
+    "gf-18L-316M-i4096": Flavour("gc104M", 18, 1152, 18, 4608, 0.1),
+}
+
+
+def bert_config(flavour: str, vocab: Vocabulary | str | None = None, **overrides):
+    """The ``BertConfig`` of a flavour for a vocabulary (default: the flavour's own)."""
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown model flavour {flavour!r}; choose one of {', '.join(FLAVOURS)}")
+    spec = FLAVOURS[flavour]
+    vocab = load_vocab(vocab or spec.vocab)
+    settings = dict(
+        vocab_size=vocab.num_tokens, hidden_size=spec.hidden_size, num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads, intermediate_size=spec.intermediate_size,
+        max_position_embeddings=vocab.model_input_size, hidden_act="relu", layer_norm_eps=1e-12,
+        hidden_dropout_prob=spec.dropout,
+        attention_probs_dropout_prob=spec.dropout if spec.attention_dropout is None else spec.attention_dropout,
+        initializer_range=0.02,
+        type_vocab_size=2, pad_token_id=vocab.pad_id, position_embedding_type="absolute",
+        **{VOCAB_NAME_KEY: vocab.name, VOCAB_HASH_KEY: vocab.sha256, "geneformer_flavour": flavour},
+    )
+    settings.update(overrides)
+    return BertConfig(**settings)
+
+
+def build_model(flavour: str, vocab: Vocabulary | str | None = None, *, seed: int | None = None, **overrides):
+    """A freshly initialised ``BertForMaskedLM`` of the flavour."""
+    config = bert_config(flavour, vocab, **overrides)
+    if seed is not None:
+        torch.manual_seed(seed)
+    return BertForMaskedLM(config)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Distinct parameters (tied embedding/decoder weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+class MaskedGeneObjective(torch.nn.Module):
+    """Wraps a ``BertForMaskedLM``; ``forward`` returns the MLM loss with the prediction head applied
+    only at masked positions. Wrap this module (not the bare model) in DDP so gradient
+    synchronisation sees the forward pass.
+
+    The full head would compute (batch, seq, vocab) logits, 25k wide, for the ~15% of positions
+    that count; gathering the masked hidden states first saves most of that compute and memory.
+    """
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, hidden)
+        masked = labels != -100  # (batch, seq)
+        logits = self.model.cls(hidden[masked])  # (n_masked, vocab)
+        return F.cross_entropy(logits.float(), labels[masked])
