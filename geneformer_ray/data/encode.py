@@ -21,17 +21,19 @@ import numba
 import numpy as np
 import pyarrow as pa
 import scipy.sparse as sp
+from pydantic import model_validator
 
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
+from geneformer_ray.settings import Settings
 
 TARGET_SUM = 1e4
 RESERVED_COLUMNS = ("input_ids", "length", "cell_id", "counts")  # written by the tokenizer itself
 HISTOGRAM_BIN = 64  # length histogram bin width in tokens
 
 
-@dataclass
-class TokenizeOptions:
-    """How cells are read and what is carried; crosses the Ray boundary as ``asdict(options)``."""
+class TokenizeOptions(Settings):
+    """How cells are read and what is carried: the data stage's settings; crosses the Ray boundary as
+    ``to_dict()``."""
 
     count_column: str = "n_counts"  # obs total counts; computed from the matrix when absent
     filter_column: str = "filter_pass"  # cells with a value other than 1 are skipped; ignored when absent
@@ -44,12 +46,14 @@ class TokenizeOptions:
     sum_duplicates: bool = True  # sum genes sharing an Ensembl ID (False: Geneformer V1, token repeated)
     min_mapped_fraction: float = 0.5  # refuse files whose gene IDs mostly do not map to Ensembl IDs
 
-    def __post_init__(self):
+    @model_validator(mode="after")
+    def _check(self):
         if not 0.0 <= self.min_mapped_fraction <= 1.0:
             raise ValueError(f"min_mapped_fraction={self.min_mapped_fraction} must be between 0 and 1")
         clash = set(RESERVED_COLUMNS).intersection((self.obs_columns or {}).values())
         if clash:
             raise ValueError(f"obs columns cannot be renamed to {sorted(clash)}: those output columns are reserved; rename them")
+        return self
 
     def resolve_obs_columns(self, available: list[str], source: str) -> dict[str, str]:
         """The obs columns to carry from one input: the ones asked for, or all (reserved names get 'obs_')."""

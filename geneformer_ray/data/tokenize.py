@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict
 from pathlib import Path
 
 import anndata
@@ -88,7 +87,7 @@ def plan_file(path: Path, vocab: Vocabulary, options: TokenizeOptions) -> dict:
 def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_ids: np.ndarray, options: dict,
                    obs_columns: dict[str, str], shard_path: Path, n_counts_from_obs: bool, filter_from_obs: bool) -> dict:
     """Encode cells [start, stop) of one file into ``shard_path``; returns the chunk's statistics."""
-    options = TokenizeOptions(**options)
+    options = TokenizeOptions.from_dict(options)
     with open_counts(path, layer=options.layer) as f:
         counts = f.read_counts(start, stop)
         cell_ids = f.read_obs(options.cell_id_column, start, stop)
@@ -139,7 +138,7 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
         plans = [plan_file(p, vocab, options) for p in files]
         jobs = [
             dict(path=plan["path"], start=s, stop=min(plan["n_cells"], s + cells_per_shard), gene_plan=plan["gene_plan"],
-                 var_ids=plan["var_ids"], options=asdict(options), obs_columns=plan["obs_columns"],
+                 var_ids=plan["var_ids"], options=options.to_dict(), obs_columns=plan["obs_columns"],
                  shard_path=tmp / f"f{i:05d}-c{s:012d}.parquet", n_counts_from_obs=plan["n_counts_from_obs"],
                  filter_from_obs=plan["filter_from_obs"])
             for i, plan in enumerate(plans) for s in range(0, plan["n_cells"], cells_per_shard)
@@ -155,7 +154,7 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
                 f"{summary['cells_no_vocab_gene']:,} with no {vocab.name} gene); check the filter column and the gene IDs"
             )
         manifest = write_manifest(tmp, vocab=vocab, shard_files=[j["shard_path"] for j in jobs if j["shard_path"].exists()],
-                                            sources=sources, summary=summary, settings={"cells_per_shard": cells_per_shard, **asdict(options)})
+                                            sources=sources, summary=summary, settings={"cells_per_shard": cells_per_shard, **options.to_dict()})
         (tmp / "summary.txt").write_text(format_summary(manifest) + "\n")
     except BaseException:
         discard_output(tmp)

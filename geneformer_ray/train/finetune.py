@@ -14,7 +14,6 @@ from __future__ import annotations
 import copy
 import json
 import time
-import zlib
 from functools import partial
 from pathlib import Path
 
@@ -30,17 +29,16 @@ from geneformer_ray.files import write_json
 from geneformer_ray.models.attention import use_sparse_attention_dropout
 from geneformer_ray.models.tasks import add_lora, build_task_model, freeze_layers, merge_lora
 from geneformer_ray.plots import plot_curve
-from geneformer_ray.runtime import AcceleratorPlan, autocast, pad_multiple, plan_cluster, worker_device
+from geneformer_ray.runtime import AcceleratorPlan, autocast, plan_cluster, worker_device
 from geneformer_ray.settings import Settings
 from geneformer_ray.tracking import log_final_model, start_tracking
 from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
-from geneformer_ray.train.collate import IGNORE_INDEX as IGNORE  # -100: a label left out of the loss
-from geneformer_ray.train.collate import iter_padded_batches
 from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
 from geneformer_ray.train.config import FinetuneConfig
 from geneformer_ray.train.loss import TaskLoss, write_test_evaluation
 from geneformer_ray.train.prepare import prepare_task
 from geneformer_ray.train.schedule import build_scheduler
+from geneformer_ray.train.task_batches import SplitBatches, predict_split
 
 
 # -- per worker ------------------------------------------------------------------------------------
@@ -83,7 +81,7 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = start_tracking(run.tracking_uri, experiment=cfg.tracking.experiment, run_name=run.run_name,
                              rank=ranks.rank, params=cfg.to_dict(), run_id=run_id, artifact_location=run.artifact_location,
                              tags=run.tracking_tags, metrics_file=Path(run.run_dir) / "metrics.jsonl")
-    splits = SplitBatches(run, vocab, ranks, max_width=max_width)
+    splits = SplitBatches(cfg, kind, task.token_classes, plan, vocab, ranks, max_width=max_width)
     evaluate = partial(predict_split, model, splits, loss_fn, plan=plan, device=device, ranks=ranks)
     save = partial(_save_finetune_checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, vocab=vocab,
                    progress=progress, run=run, run_id=tracker.run_id)
@@ -165,66 +163,6 @@ def _validate(evaluate, loss_fn, run: FinetuneRun, tracker, step, val_history, r
     return metrics
 
 
-class SplitBatches:
-    """This rank's padded, length-grouped batches of each split of a fine-tuning run: training batches
-    shuffled anew every epoch; evaluation batches from the rank's stripe of the split (a stable hash of the
-    cell id, so every cell is predicted once), kept in memory after the first pass when small, since
-    validation runs many times and each new Ray Data pass costs seconds of start-up."""
-
-    def __init__(self, run: FinetuneRun, vocab, ranks: Ranks, *, max_width: int):
-        self.cfg, self.kind, self.ranks, self.max_width = run.config, run.task.kind, ranks, max_width
-        self.pad_id, self.pad_multiple = vocab.pad_id, pad_multiple(run.plan, run.config.data.pad_to_multiple)
-        self.token_labels = {name: _token_lookup(lookup, vocab.num_tokens) for name, lookup in run.task.token_classes.items()}
-        self.cached: dict[str, list[dict]] = {}
-
-    def training(self, epoch: int):
-        return self._batches("train", epoch, training=True)
-
-    def evaluation(self, name: str):
-        if name in self.cached:
-            yield from self.cached[name]
-            return
-        kept, cells = [], 0
-        for batch in self._batches(name, 0, training=False):
-            cells += len(batch["input_ids"])
-            kept = kept if kept is not None and cells <= EVAL_CACHE_CELLS else None
-            if kept is not None:
-                kept.append(batch)
-            yield batch
-        if kept is not None:
-            self.cached[name] = kept
-
-    def _batches(self, name: str, epoch: int, *, training: bool):
-        data, ranks = self.cfg.data, self.ranks
-        for batch in iter_padded_batches(
-                ray.train.get_dataset_shard(name), pad_id=self.pad_id, batch_size=data.batch_size,
-                window_batches=data.window_batches, shuffle_buffer=data.shuffle_buffer if training else 0,
-                seed=self.cfg.train.seed * 1000 + epoch, columns=["cell_id"] + ([] if self.kind == "gene" else ["labels"]),
-                pad_to_multiple=self.pad_multiple, max_width=self.max_width,
-                keep=None if training else (lambda ids: _stripe(ids, ranks.rank, ranks.world))):
-            if self.kind == "gene":
-                batch["labels"] = self.token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
-            yield batch
-
-
-def predict_split(model, splits: SplitBatches, loss_fn: TaskLoss, name: str, *, plan, device, ranks: Ranks) -> dict:
-    """Every rank predicts its stripe of the split; all ranks get every prediction (ids, true, probs, tokens)."""
-    model.eval()
-    ids, true, probs, tokens = [], [], [], []
-    with torch.no_grad():
-        for batch in splits.evaluation(name):
-            with autocast(plan, device):
-                outputs = model(**to_device(batch, device, keys=("input_ids", "attention_mask")))
-            record = loss_fn.predictions(outputs, batch)
-            ids += record["ids"]
-            true.append(record["true"])
-            probs.append(record["probs"])
-            tokens.append(record.get("tokens", np.zeros(0, dtype=np.int64)))
-    model.train()
-    parts = ranks.gather({"ids": ids, "true": _cat(true), "probs": _cat(probs), "tokens": _cat(tokens)})
-    return {k: sum((p[k] for p in parts), []) if k == "ids" else _cat([p[k] for p in parts if len(p[k])]) for k in parts[0]}
-
-
 def _epochs_done(progress: dict, steps_per_epoch: int) -> float:
     """Whole epochs finished plus the part of the current one (capped at 1: length-grouped batches can make
     an epoch a few steps longer than the nominal cells / batch), so an epoch's end reads as an integer."""
@@ -232,7 +170,6 @@ def _epochs_done(progress: dict, steps_per_epoch: int) -> float:
 
 
 TRAIN_WEIGHTS = "train_weights.pt"
-EVAL_CACHE_CELLS = 10_000  # per rank: a validation stripe up to this size is read once per run
 
 
 def _save_finetune_checkpoint(folder, *, model, optimizer, scheduler, vocab, progress, run: FinetuneRun, run_id) -> None:
@@ -242,22 +179,6 @@ def _save_finetune_checkpoint(folder, *, model, optimizer, scheduler, vocab, pro
                     config=run.config.to_dict(), tracking_run_id=run_id)
     torch.save(model.state_dict(), Path(folder) / TRAIN_WEIGHTS)
     (Path(folder) / "task.json").write_text(json.dumps(run.task.model_dump(mode="json", exclude={"token_classes"}), indent=2))
-
-
-def _stripe(ids: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """Evaluation rows of this rank: a stable hash of the cell id, so every cell is predicted once."""
-    return np.array([zlib.crc32(str(i).encode()) % world == rank for i in ids], dtype=bool)
-
-
-def _token_lookup(classes: dict, num_tokens: int) -> np.ndarray:
-    lookup = np.full(num_tokens, IGNORE, dtype=np.int64)
-    for token, label in classes.items():
-        lookup[int(token)] = label
-    return lookup
-
-
-def _cat(parts: list) -> np.ndarray:
-    return np.concatenate(parts) if parts else np.zeros(0)
 
 
 def _headline(metrics: dict) -> dict:
