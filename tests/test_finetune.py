@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
+import geneformer_ray as gr
 from geneformer_ray.train.config import FinetuneConfig
 from geneformer_ray.settings import load_config
 from geneformer_ray.train.finetune import finetune, format_finetune_summary
@@ -34,10 +35,12 @@ def _cfg(corpus, storage, *extra):
 def test_cell_classification_end_to_end_tracked_on_a_server(ray_session, corpus, pbmc3k_subset_corpus, tmp_path, mlflow_server):
     from transformers import BertForSequenceClassification
 
-    summary = finetune(_cfg(corpus, tmp_path, "task.label_column=lineage", LINEAGE, "task.class_weights=balanced",
-                            "task.baseline=true", "train.eval_every=25", f"tracking.uri={mlflow_server}",
-                            "tracking.register_as=gf-tiny-lineage"))
-    m = summary["metrics"]
+    fit = gr.finetune(_cfg(corpus, tmp_path, "task.label_column=lineage", LINEAGE, "task.class_weights=balanced",
+                           "task.baseline=true", "train.eval_every=25", f"tracking.uri={mlflow_server}",
+                           "tracking.register_as=gf-tiny-lineage"))  # the Python API, with a config object
+    summary, m = fit.summary, fit.metrics
+    assert fit.model == Path(summary["model"]) and len(fit.test_predictions()) == summary["split_sizes"]["test"]
+    assert {"loss", "val_macro_f1"} <= set(fit.history().columns) and fit.describe() == format_finetune_summary(summary)
     assert m["test_roc_auc"] > 0.6 and np.isfinite(m["test_macro_f1"])  # better than chance (0.5) on an easy task
     assert summary["baseline"]["lineage"]["macro_f1"] > 0.8
     predictions = pq.read_table(Path(summary["evaluation"]) / "test_predictions.parquet").to_pandas()
