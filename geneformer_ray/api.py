@@ -274,10 +274,8 @@ def tokenize(data, out: PathLike, *, vocab: str = "gc30M", obs: list[str] | dict
                               gene_id_column=gene_id_column, cell_id_column=cell_id_column, layer=layer,
                               keep_counts=keep_counts, allow_non_integer=allow_non_integer, sum_duplicates=sum_duplicates,
                               min_mapped_fraction=min_mapped_fraction)
-    inputs = [data] if isinstance(data, (anndata.AnnData, str, os.PathLike)) else list(data)
-    tokenize_files([x if isinstance(x, anndata.AnnData) else os.fspath(x) for x in inputs], out, vocab=vocab,
-                   options=options, cells_per_shard=cells_per_shard, executor=executor, overwrite=overwrite,
-                   progress=progress)
+    tokenize_files(data, out, vocab=vocab, options=options, cells_per_shard=cells_per_shard, executor=executor,
+                   overwrite=overwrite, progress=progress)
     return Corpus.open(out)
 
 

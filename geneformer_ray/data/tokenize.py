@@ -11,6 +11,7 @@ every node sees (NFS); each task reads its input from the same path.
 from __future__ import annotations
 
 import glob
+import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -124,7 +125,8 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
         raise ValueError(f"cells_per_shard={cells_per_shard} must be at least 1")
     options = options or TokenizeOptions()
     vocab = load_vocab(vocab)
-    inputs = [inputs] if isinstance(inputs, (str, Path, anndata.AnnData)) else list(inputs)
+    inputs = [inputs] if isinstance(inputs, (str, os.PathLike, anndata.AnnData)) else list(inputs)
+    inputs = [item if isinstance(item, anndata.AnnData) else os.fspath(item) for item in inputs]  # Corpus results too
     in_memory = [item for item in inputs if isinstance(item, anndata.AnnData)]
     files = expand_inputs([item for item in inputs if not isinstance(item, anndata.AnnData)]) if len(in_memory) < len(inputs) else []
     started = time.perf_counter()
