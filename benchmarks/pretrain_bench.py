@@ -126,7 +126,7 @@ def ours(corpus: Path, flavour: str, steps: int, warmup: int, workers: int, prec
         placement = ["accelerator.type=cpu", f"accelerator.cpus_per_worker={2 // workers}"]
     storage = Path(tempfile.mkdtemp(prefix="ours-bench-"))
     cfg = load_config(PretrainConfig, None, [
-        f"data.corpus={corpus}", f"data.batch_size={batch}", "data.val_fraction=0", f"model.flavour={flavour}",
+        f"data.corpus={corpus}", f"data.batch_size={batch}", f"model.flavour={flavour}",
         "optim.warmup_steps=0", f"train.num_workers={workers}", f"train.max_steps={warmup + steps}", "train.epochs=100",
         f"train.log_every={warmup}", "train.val_every=100000", "train.checkpoint_every=100000", f"train.storage_path={storage}",
         "tracking.uri=none", *placement, f"accelerator.precision={precision}"])
@@ -175,31 +175,35 @@ def matmul_tflops() -> float:
     return 10 * 2 * 8192**3 / (time.perf_counter() - start) / 1e12
 
 
-def data_path(corpus: Path, seconds: float = 20.0, batch: int = BATCH) -> dict:
-    """(c): Ray Data -> masked, padded, length-grouped batches, as fast as they come."""
-    import ray
-
-    from geneformer_ray.train.collate import GeneMasker, iter_mlm_batches
-    from geneformer_ray.data.corpus import read_corpus
+def data_path(corpus: Path, seconds: float = 20.0, batch: int = BATCH, max_tokens: int | None = None) -> dict:
+    """(c): the pretraining reader (one rank's share of each epoch, straight from the parquet shards) ->
+    masked, padded, length-grouped batches, as fast as they come, on one process."""
+    from geneformer_ray.data.corpus import read_manifest
     from geneformer_ray.data.vocab import load_vocab
+    from geneformer_ray.train.collate import GeneMasker
+    from geneformer_ray.train.epoch_data import EpochData
 
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    vocab = load_vocab("gc30M")
+    manifest = read_manifest(corpus)
+    vocab = load_vocab(manifest["vocab"]["name"])
     masker = GeneMasker.for_vocab(vocab, seed=0)
-    ds = read_corpus(corpus, vocab=vocab, columns=["input_ids", "length"])
-    batches = tokens = 0
+    data = EpochData(corpus=corpus, manifest=manifest, seed=0)
+    batches = tokens = cells = 0
     started = time.perf_counter()
-    epoch = 0
+    first = None
     while time.perf_counter() - started < seconds:
-        for item in iter_mlm_batches(ds, masker=masker, pad_id=0, batch_size=batch, max_tokens=None, window_batches=64,
-                                     shuffle_buffer=4096, seed=epoch):
+        for item in data.rank_batches(0, 1, pad_id=vocab.pad_id, batch_size=None if max_tokens else batch,
+                                      max_tokens=max_tokens, window_batches=64, shuffle_buffer=4096):
+            masker(item["input_ids"])
+            first = first or time.perf_counter() - started
             batches += 1
+            cells += item["attention_mask"].shape[0]
             tokens += int(item["attention_mask"].sum())
-        epoch += 1
+            if time.perf_counter() - started >= seconds:
+                break
+        data.next_epoch()
     elapsed = time.perf_counter() - started
-    ray.shutdown()
-    return {"tokens_per_s": tokens / elapsed, "batches_per_s": batches / elapsed}
+    return {"tokens_per_s": tokens / elapsed, "cells_per_s": cells / elapsed, "batches_per_s": batches / elapsed,
+            "first_batch_s": first}
 
 
 def _spawn(args: list[str]) -> dict:

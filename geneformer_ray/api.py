@@ -26,7 +26,8 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from geneformer_ray.data.convert import convert_hf_dataset
-from geneformer_ray.data.corpus import read_columns, read_manifest
+from geneformer_ray.data.corpus import DEFAULT_VAL_FRACTION, read_columns, read_manifest
+from geneformer_ray.data.corpus import upgrade_corpus as upgrade_corpus_folder
 from geneformer_ray.data.encode import TokenizeOptions
 from geneformer_ray.data.tokenize import format_summary
 from geneformer_ray.data.tokenize import tokenize as tokenize_files
@@ -263,28 +264,36 @@ def tokenize(data, out: PathLike, *, vocab: str = "gc30M", obs: list[str] | dict
              count_column: str = "n_counts", filter_column: str = "filter_pass", gene_id_column: str | None = None,
              cell_id_column: str | None = None, layer: str | None = None, keep_counts: bool = False,
              allow_non_integer: bool = False, sum_duplicates: bool = True, min_mapped_fraction: float = 0.5,
-             cells_per_shard: int = 10_000, executor: str = "ray", overwrite: bool = False, progress: bool = True) -> Corpus:
+             val_fraction: float = DEFAULT_VAL_FRACTION, cells_per_shard: int = 10_000, executor: str = "ray",
+             overwrite: bool = False, progress: bool = True) -> Corpus:
     """Raw counts -> a corpus folder: rank value encoding of every cell, one Ray task per shard.
 
     ``data``: an ``anndata.AnnData``, an .h5ad/.loom path, a folder or glob of them, or a list mixing these.
     ``obs``: metadata columns to carry (a list, or {column: new name}); None carries every obs column.
+    ``val_fraction``: the cells pretraining holds out (by a hash of the cell id), recorded in the corpus.
     """
     columns = None if obs is None else dict(obs) if isinstance(obs, dict) else {c: c for c in obs}
     options = TokenizeOptions(count_column=count_column, filter_column=filter_column, obs_columns=columns,
                               gene_id_column=gene_id_column, cell_id_column=cell_id_column, layer=layer,
                               keep_counts=keep_counts, allow_non_integer=allow_non_integer, sum_duplicates=sum_duplicates,
-                              min_mapped_fraction=min_mapped_fraction)
+                              min_mapped_fraction=min_mapped_fraction, val_fraction=val_fraction)
     tokenize_files(data, out, vocab=vocab, options=options, cells_per_shard=cells_per_shard, executor=executor,
                    overwrite=overwrite, progress=progress)
     return Corpus.open(out)
 
 
 def convert(dataset: PathLike, out: PathLike, *, vocab: str | None = None, cells_per_shard: int = 50_000,
-            overwrite: bool = False, progress: bool = True) -> Corpus:
+            val_fraction: float = DEFAULT_VAL_FRACTION, overwrite: bool = False, progress: bool = True) -> Corpus:
     """A Geneformer tokenized dataset (``save_to_disk`` folder, e.g. Genecorpus-30M) -> a corpus folder, streamed."""
     convert_hf_dataset(os.fspath(dataset), out, vocab=vocab, overwrite=overwrite, cells_per_shard=cells_per_shard,
-                       progress=progress)
+                       val_fraction=val_fraction, progress=progress)
     return Corpus.open(out)
+
+
+def upgrade_corpus(corpus: PathLike, *, val_fraction: float = DEFAULT_VAL_FRACTION, progress: bool = True) -> Corpus:
+    """Record the pretraining split of a corpus written before it was recorded (format 1), in place."""
+    upgrade_corpus_folder(os.fspath(corpus), val_fraction=val_fraction, progress=progress)
+    return Corpus.open(corpus)
 
 
 def pretrain(config: PretrainConfig | dict | PathLike | None = None, *, overrides: list[str] = ()) -> TrainResult:
@@ -318,6 +327,9 @@ def run_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) -
                        trials=pd.DataFrame(summary["trials"]), summary=summary)
 
 
+QUICKSTART_VAL_FRACTION = 0.05  # 132 of PBMC3k's cells held out
+
+
 def quickstart(out: PathLike = "runs/quickstart", *, steps: int = 200, overrides: list[str] = (), overwrite: bool = False,
                progress: bool = True, echo=None) -> TrainResult:
     """The main job on the bundled demo data: tokenize PBMC3k (kept in ``out/corpus`` for later runs), pretrain
@@ -329,7 +341,9 @@ def quickstart(out: PathLike = "runs/quickstart", *, steps: int = 200, overrides
     corpus = out / "corpus"
     if not (corpus / "manifest.json").exists() or overwrite:
         echo(tokenize(DEMO_DATA / "pbmc3k_counts.h5ad", corpus, cells_per_shard=1_000, overwrite=overwrite,
-                      progress=progress).describe())
+                      val_fraction=QUICKSTART_VAL_FRACTION, progress=progress).describe())
+    elif "split" not in read_manifest(corpus):  # kept from a release that did not record the split
+        upgrade_corpus(corpus, val_fraction=QUICKSTART_VAL_FRACTION, progress=progress)
     echo(f"corpus: {corpus}")
     run = pretrain(QUICKSTART_CONFIG, overrides=[f"data.corpus={corpus}", f"train.storage_path={out}",
                                                  f"train.max_steps={steps}", *overrides])
@@ -419,4 +433,5 @@ def _cell_id_column(corpus: PathLike) -> str | None:
 
 
 __all__ = ["Corpus", "Embeddings", "Perturbation", "Predictions", "StudyResult", "TrainResult", "convert", "embed",
-           "finetune", "perturb", "predict", "pretrain", "quickstart", "run_study", "tokenize", "tune"]
+           "finetune", "perturb", "predict", "pretrain", "quickstart", "run_study", "tokenize", "tune",
+           "upgrade_corpus"]

@@ -29,7 +29,7 @@ def _tokenize(args) -> int:
         count_column=args.count_column, filter_column=args.filter_column, gene_id_column=args.gene_id_column,
         cell_id_column=args.cell_id_column, layer=args.layer, keep_counts=args.keep_counts,
         allow_non_integer=args.allow_non_integer, sum_duplicates=not args.no_sum_duplicates,
-        min_mapped_fraction=args.min_mapped_fraction, cells_per_shard=args.cells_per_shard,
+        min_mapped_fraction=args.min_mapped_fraction, val_fraction=args.val_fraction, cells_per_shard=args.cells_per_shard,
         executor="local" if args.local else "ray", overwrite=args.overwrite, progress=not args.quiet)
     print(corpus.describe())
     print(f"corpus: {corpus.path}")
@@ -38,9 +38,17 @@ def _tokenize(args) -> int:
 
 def _convert(args) -> int:
     corpus = gr.convert(args.dataset, args.out, vocab=args.vocab, overwrite=args.overwrite,
-                         cells_per_shard=args.cells_per_shard, progress=not args.quiet)
+                         cells_per_shard=args.cells_per_shard, val_fraction=args.val_fraction, progress=not args.quiet)
     print(f"converted {corpus.num_cells:,} cells ({corpus.vocab}) into {len(corpus.manifest['shards'])} shard(s): "
           f"{corpus.path}")
+    return 0
+
+
+def _upgrade(args) -> int:
+    corpus = gr.upgrade_corpus(args.corpus, val_fraction=args.val_fraction, progress=not args.quiet)
+    split = corpus.manifest["split"]
+    print(f"{corpus.path}: corpus format {corpus.manifest['format_version']}, pretraining split recorded "
+          f"({split['num_train']:,} train / {split['num_val']:,} validation cells, val_fraction {split['val_fraction']})")
     return 0
 
 
@@ -136,6 +144,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-non-integer", action="store_true", help="accept non-integer counts")
     p.add_argument("--no-sum-duplicates", action="store_true", help="do not sum genes sharing an Ensembl ID (Geneformer V1 behaviour)")
     p.add_argument("--min-mapped-fraction", type=float, default=0.5, help="refuse inputs whose gene IDs map less than this (default 0.5)")
+    p.add_argument("--val-fraction", type=float, default=0.02,
+                   help="cells held out for pretraining validation, by a hash of the cell id (default 0.02)")
     p.add_argument("--cells-per-shard", type=int, default=10_000, help="cells per task and parquet shard")
     p.add_argument("--local", action="store_true", help="run in this process instead of Ray tasks")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
@@ -147,9 +157,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.add_argument("--vocab", default=None, help="gc30M | gc104M | folder; inferred from the tokens when omitted")
     p.add_argument("--cells-per-shard", type=int, default=50_000)
+    p.add_argument("--val-fraction", type=float, default=0.02, help="cells held out for pretraining validation (default 0.02)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_convert)
+
+    p = sub.add_parser("upgrade-corpus", help="record the pretraining split of a corpus written before it was (in place)")
+    p.add_argument("corpus", help="corpus folder (format 1)")
+    p.add_argument("--val-fraction", type=float, default=0.02, help="cells held out, by a hash of the cell id (default 0.02)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_upgrade)
 
     p = sub.add_parser("vocab", help="describe a vocabulary; with --out, save it in the safe format")
     p.add_argument("vocab", help="gc30M | gc104M | folder of Geneformer *.pkl dictionaries")

@@ -47,7 +47,7 @@ def test_console_script_in_a_fresh_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "tokenized 80 of 80 cells" in proc.stdout
     table = read_corpus_table(out)
-    assert table.column_names == ["input_ids", "length", "cell_id", "counts", "cluster"]
+    assert table.column_names == ["input_ids", "length", "cell_id", "counts", "cluster", "pretrain_split"]
     assert [len(c) for c in table["counts"].to_pylist()] == table["length"].to_pylist()
     described = subprocess.run([sys.executable, "-m", "geneformer_ray.cli", "vocab", "gc104M"],
                                capture_output=True, text=True, timeout=120)

@@ -122,3 +122,8 @@ def test_multitask_from_a_pretrained_encoder_with_frozen_layers_then_resumed(ray
     assert resumed["mlflow_run_id"] == summary["mlflow_run_id"]  # the same MLflow run goes on
     losses = mlflow.MlflowClient(resumed["tracking_uri"]).get_metric_history(resumed["mlflow_run_id"], "loss")
     assert [h.step for h in sorted(losses, key=lambda h: h.step)] == [10, 20, 30]  # none logged twice
+    # the resume contract: another split would evaluate on cells the model may have trained on
+    with pytest.raises(ValueError, match=r"started with other .*split.cells_sha256.*split.test_fraction.*train.run_name=NEW_NAME"):
+        finetune(_cfg(*args, "train.max_steps=36", "split.test_fraction=0.3"))
+    again = finetune(_cfg(*args, "train.max_steps=36"))  # the budget is spent: no 37th step
+    assert again["metrics"]["step"] == 36 and again["metrics"]["restarts"] == 2

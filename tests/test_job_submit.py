@@ -84,7 +84,7 @@ def test_tokenize_pretrain_and_tune_jobs_through_ray_job_submit(token_env, tmp_p
     corpus, runs, studies = tmp_path / "corpus", tmp_path / "runs", tmp_path / "studies"
     with ray_head(token_env, num_cpus=4) as address:
         proc = submit(address, token_env, "jobs/tokenize_corpus.py", str(PBMC_SMALL), "--vocab", "gc30M", "--out", str(corpus),
-                      "--obs", "RNA_snn_res.1=cluster", "--quiet")
+                      "--obs", "RNA_snn_res.1=cluster", "--val-fraction", "0.1", "--quiet")
         assert "tokenized 80 of 80 cells" in proc.stdout
         assert read_manifest(corpus)["num_cells"] == 80
 

@@ -138,6 +138,13 @@ def test_two_worker_ddp_pretraining_learns_is_tracked_and_resumes_on_a_rerun(ray
     history = client.get_metric_history(second["mlflow_run_id"], "loss")
     assert sorted(h.step for h in history) == list(range(5, 41, 5))  # steps 1-30 were not trained twice
 
+    # the resume contract: only budgets and tracking may change; a spent budget takes no further step
+    with pytest.raises(ValueError, match=r"started with other data.mlm_probability, optim.lr .*0.003 -> 0.01"):
+        pretrain(_config(corpus, tmp_path, "train.max_steps=40", "train.run_name=ddp", "optim.lr=0.01",
+                         "data.mlm_probability=0.2"))
+    third = pretrain(_config(corpus, tmp_path, "train.max_steps=40", "train.run_name=ddp"))
+    assert third["metrics"]["step"] == 40 and third["metrics"]["restarts"] == 2
+
 
 def test_token_budget_batches_with_gradient_accumulation(ray_session, pbmc3k_subset_corpus, tmp_path):
     """Token budgets give ranks different numbers of batches: they must still stop together (a whole
@@ -163,36 +170,16 @@ def test_token_budget_batches_with_gradient_accumulation(ray_session, pbmc3k_sub
 def test_killed_worker_resumes_from_the_last_checkpoint_tracked_on_a_server(ray_session, corpus, tmp_path, mlflow_server):
     """SIGKILL a training worker after a checkpoint: the group restarts from it and finishes;
     the MLflow server holds one run with params, metrics, the model and its registered version."""
-    import os
-    import signal
-    import threading
-    import time
-
-    import psutil
+    from faults import WorkerKiller
 
     from geneformer_ray.train.pretrain import pretrain
 
     storage = tmp_path / "runs"
-    killed = []
-
-    def kill_after_first_checkpoint():
-        deadline = time.time() + 400
-        while time.time() < deadline and not killed:
-            # a second checkpoint folder means the first is registered (every report is a barrier)
-            if len(list((storage / "killed").glob("checkpoint_*"))) >= 2:
-                for proc in psutil.process_iter(["name", "cmdline"]):
-                    if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []) or "RayTrainWorker" in (proc.info["name"] or ""):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-            time.sleep(0.2)
-
-    killer = threading.Thread(target=kill_after_first_checkpoint, daemon=True)
-    killer.start()
+    killer = WorkerKiller(storage / "killed", checkpoints=2)
     summary = pretrain(_config(corpus, storage, "train.max_steps=40", "train.run_name=killed", "train.max_failures=2",
                                f"tracking.uri={mlflow_server}", "tracking.register_as=gf-tiny-server"))
     killer.join(timeout=5)
-    assert killed, "no training worker was found to kill"
+    assert killer.killed, "no training worker was found to kill"
     assert summary["metrics"]["step"] == 40 and summary["metrics"]["weights_identical_across_ranks"]
     client = mlflow.MlflowClient(mlflow_server)
     run = client.get_run(summary["mlflow_run_id"])

@@ -49,7 +49,7 @@ def test_manifest_describes_the_corpus(v2_corpus):
     assert on_disk["special_tokens"] == {"<pad>": 0, "<mask>": 1, "<cls>": 2, "<eos>": 3}
     assert on_disk["num_cells"] == 2638 == sum(s["num_cells"] for s in on_disk["shards"])
     assert sum(on_disk["length_histogram"]["counts"]) == 2638
-    assert set(on_disk["columns"]) == {"input_ids", "length", "cell_id", "cell_type"}
+    assert set(on_disk["columns"]) == {"input_ids", "length", "cell_id", "cell_type", "pretrain_split"}
     source = on_disk["sources"][0]
     assert source["sha256"] == sha256_file(PBMC3K)
     assert source["genes"]["genes_total"] == 13714 and source["genes"]["duplicate_columns_summed"] > 0
@@ -131,7 +131,8 @@ def test_every_obs_column_is_carried_by_default(tmp_path):
     other.write_h5ad(tmp_path / "b.h5ad")
     manifest = tokenize([tmp_path / "a.h5ad", tmp_path / "b.h5ad"], tmp_path / "out", vocab="gc30M",
                         executor="local", progress=False)
-    expected = ["input_ids", "length", "cell_id", *[c for c in small.obs.columns if c != "length"], "obs_length", "donor"]
+    expected = ["input_ids", "length", "cell_id", *[c for c in small.obs.columns if c != "length"], "obs_length", "donor",
+                "pretrain_split"]
     assert sorted(manifest["columns"]) == sorted(expected)
     table = read_corpus_table(tmp_path / "out")
     assert table["donor"].to_pylist() == [None] * 80 + ["d7"] * 10  # missing in a.h5ad: null there
@@ -139,4 +140,4 @@ def test_every_obs_column_is_carried_by_default(tmp_path):
     assert table["groups"].to_pylist() == list(small.obs["groups"]) + list(other.obs["groups"])
     none = tokenize([tmp_path / "a.h5ad"], tmp_path / "bare", vocab="gc30M", options=TokenizeOptions(obs_columns={}),
                     executor="local", progress=False)
-    assert sorted(none["columns"]) == ["cell_id", "input_ids", "length"]
+    assert sorted(none["columns"]) == ["cell_id", "input_ids", "length", "pretrain_split"]

@@ -30,7 +30,7 @@ def main(corpus: str, storage: str, port: int) -> None:
         accelerator_nodes = [cluster.add_node(num_cpus=2, resources={"FAKE_NPU": 2}) for _ in range(2)]
         ray.init(address=cluster.address, log_to_driver=False)
         cfg = load_config(PretrainConfig, None, [
-            f"data.corpus={corpus}", "data.batch_size=4", "data.val_fraction=0", "model.flavour=tiny",
+            f"data.corpus={corpus}", "data.batch_size=4", "model.flavour=tiny",
             "train.num_workers=2", "train.max_steps=4", "train.log_every=2", "train.checkpoint_every=100",
             "train.placement_strategy=SPREAD", "train.max_failures=0", f"train.storage_path={storage}",
             "train.run_name=two_nodes", "accelerator.type=cpu", "accelerator.worker_resources={FAKE_NPU: 1}",

@@ -15,19 +15,23 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from geneformer_ray.data.corpus import PARQUET_COMPRESSION, write_manifest
+from geneformer_ray.data.corpus import DEFAULT_VAL_FRACTION, PARQUET_COMPRESSION, ROW_GROUP_CELLS, with_split, write_manifest
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
 from geneformer_ray.files import discard_output, finalize_output, prepare_output, sha256_file
 
 
 def convert_hf_dataset(dataset_dir: str | Path, out: str | Path, *, vocab: str | Vocabulary | None = None,
-                       overwrite: bool = False, cells_per_shard: int = 50_000, progress: bool = True) -> dict:
+                       overwrite: bool = False, cells_per_shard: int = 50_000, val_fraction: float = DEFAULT_VAL_FRACTION,
+                       progress: bool = True) -> dict:
     """Stream a Geneformer tokenized dataset (``Dataset.save_to_disk`` folder) into a corpus folder.
 
     Reads one Arrow record batch at a time, so memory stays flat however large the dataset. The
     vocabulary is inferred from the tokens when they say it (<cls>/<eos> around every cell -> gc104M,
-    ids beyond gc104M's range -> gc30M); otherwise pass ``vocab``.
+    ids beyond gc104M's range -> gc30M); otherwise pass ``vocab``. Each cell's pretraining split
+    (``val_fraction``, by a hash of its id) is written with it.
     """
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
     dataset_dir = Path(dataset_dir)
     arrow_files = _dataset_arrow_files(dataset_dir)
     total_rows = sum(_ipc_rows(p) for p in arrow_files)
@@ -37,11 +41,11 @@ def convert_hf_dataset(dataset_dir: str | Path, out: str | Path, *, vocab: str |
         shard_files, writer, rows_in_shard, row = [], None, 0, 0
         bar = tqdm(total=total_rows, unit="cells", desc="convert", disable=not progress)
         for path in arrow_files:
-            with pa.memory_map(str(path)) as source:
+            with pa.OSFile(str(path)) as source:  # read, not mapped: memory stays one batch, not the file's pages
                 for batch in _open_ipc(source):
                     if vocab is None:
                         vocab = _infer_vocab(batch, dataset_dir)
-                    table = _convert_batch(batch, vocab, first_row=row, where=dataset_dir)
+                    table = with_split(_convert_batch(batch, vocab, first_row=row, where=dataset_dir), val_fraction)
                     row += table.num_rows
                     bar.update(table.num_rows)
                     while table.num_rows:
@@ -49,7 +53,7 @@ def convert_hf_dataset(dataset_dir: str | Path, out: str | Path, *, vocab: str |
                             shard_files.append(tmp / f"convert-{len(shard_files):05d}.parquet")
                             writer = pq.ParquetWriter(shard_files[-1], table.schema, compression=PARQUET_COMPRESSION)
                         take = min(table.num_rows, cells_per_shard - rows_in_shard)
-                        writer.write_table(table.slice(0, take))
+                        writer.write_table(table.slice(0, take), row_group_size=ROW_GROUP_CELLS)
                         table, rows_in_shard = table.slice(take), rows_in_shard + take
                         if rows_in_shard == cells_per_shard:
                             writer.close()
@@ -62,7 +66,8 @@ def convert_hf_dataset(dataset_dir: str | Path, out: str | Path, *, vocab: str |
         sources = [{"path": str(p.absolute()), "sha256": sha256_file(p), "num_cells": _ipc_rows(p)} for p in arrow_files]
         summary = {"cells_in": row, "cells_out": row}
         manifest = write_manifest(tmp, vocab=vocab, shard_files=shard_files, sources=sources, summary=summary,
-                                  settings={"converted_from": str(dataset_dir.absolute())})
+                                  settings={"converted_from": str(dataset_dir.absolute()), "val_fraction": val_fraction},
+                                  val_fraction=val_fraction)
     except BaseException:
         discard_output(tmp)
         raise

@@ -6,34 +6,79 @@
 A corpus is written under a temporary sibling name and renamed into place only when complete
 (``geneformer_ray.files``), so a crash never leaves a folder that looks like a finished corpus.
 Readers check the manifest's vocabulary hash against the model's vocabulary and refuse a mismatch.
+
+Format 2 records each cell's pretraining split when the shard is written (``pretrain_split``:
+'train' or 'val', by a hash of ``cell_id`` so the same cells are held out in every run and corpus),
+the counts in the manifest (``split``, per shard ``num_val``), and each shard's first cell number
+(``first_cell``: a cell's number in the corpus is its shard's first cell + its row). Format-1
+corpora stay readable; ``upgrade_corpus`` adds their split in place.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import zlib
 from pathlib import Path
+
+import numpy as np
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
+from tqdm import tqdm
 
 from geneformer_ray import __version__
 from geneformer_ray.data.encode import HISTOGRAM_BIN, length_histogram
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
+from geneformer_ray.files import write_json
 
 FORMAT_NAME = "geneformer-ray-corpus"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)  # 1: no split recorded (upgrade_corpus adds it)
 MANIFEST = "manifest.json"
 SHARD_PATTERN = "part-{:05d}.parquet"
 PARQUET_COMPRESSION = "zstd"
+ROW_GROUP_CELLS = 4096  # a reader that wants some rows of a shard decodes only their row groups
+SPLIT_COLUMN = "pretrain_split"
+SPLIT_RULE = "val when crc32(utf-8 cell_id) < val_fraction * 2**32"
+DEFAULT_VAL_FRACTION = 0.02
+
+
+# -- the pretraining split, recorded when a shard is written ---------------------------------------
+def assign_split(cell_ids, val_fraction: float) -> pa.Array:
+    """Each cell's pretraining split ('train' / 'val') by a hash of its id: stable across runs, corpora
+    and worker counts (the rule pretraining used before it was written down, so old splits carry over)."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction={val_fraction} must be in [0, 1)")
+    threshold = int(val_fraction * 2**32)
+    ids = cell_ids.to_pylist() if isinstance(cell_ids, (pa.Array, pa.ChunkedArray)) else list(cell_ids)
+    is_val = np.fromiter((zlib.crc32(str(c).encode()) < threshold for c in ids), dtype=bool, count=len(ids))
+    return pa.DictionaryArray.from_arrays(pa.array(is_val.astype(np.int8)), pa.array(["train", "val"]))
+
+
+def with_split(table: pa.Table, val_fraction: float) -> pa.Table:
+    """``table`` with its ``pretrain_split`` column (from ``cell_id``)."""
+    if SPLIT_COLUMN in table.column_names:
+        raise ValueError(f"the input already has a column named {SPLIT_COLUMN!r}, which the corpus reserves; rename it")
+    return table.append_column(SPLIT_COLUMN, assign_split(table.column("cell_id"), val_fraction))
+
+
+def split_info(manifest: dict, *, corpus: str | Path = "corpus") -> dict:
+    """The manifest's recorded split ({val_fraction, rule, num_train, num_val}); refuses a format-1 corpus."""
+    if "split" not in manifest:
+        raise ValueError(f"{corpus} was written before the pretraining split was recorded (corpus format 1); "
+                         f"add it in place with `geneformer-ray upgrade-corpus {corpus} --val-fraction "
+                         f"{DEFAULT_VAL_FRACTION}` (the same cells as before are held out), or tokenize again")
+    return manifest["split"]
 
 
 # -- manifest -------------------------------------------------------------------------------------
 def write_manifest(tmp: Path, *, vocab: Vocabulary, shard_files: list[Path], sources: list[dict],
-                   summary: dict, settings: dict) -> dict:
-    """Rename shards to part-NNNNN in order, unify their schemas, and write manifest.json."""
+                   summary: dict, settings: dict, val_fraction: float) -> dict:
+    """Rename shards to part-NNNNN in order, unify their schemas, and write manifest.json (shards
+    carry their ``pretrain_split`` column, written with ``val_fraction``)."""
     empty = [p for p in shard_files if pq.read_metadata(p).num_rows == 0]
     for path in empty:
         path.unlink()
@@ -43,11 +88,12 @@ def write_manifest(tmp: Path, *, vocab: Vocabulary, shard_files: list[Path], sou
     for i, path in enumerate(shard_files):
         final = tmp / SHARD_PATTERN.format(i)
         path.rename(final)
-        lengths = pq.read_table(final, columns=["length"])["length"].to_numpy()
+        columns = pq.read_table(final, columns=["length", SPLIT_COLUMN])
+        lengths = columns["length"].to_numpy()
         h = length_histogram(lengths, vocab.model_input_size)
         hist = h if hist is None else hist + h
         shards.append({"path": final.name, "num_cells": int(lengths.size), "num_tokens": int(lengths.sum()),
-                       "bytes": final.stat().st_size})
+                       "num_val": _count_val(columns[SPLIT_COLUMN]), "first_cell": n_cells, "bytes": final.stat().st_size})
         lengths_total += int(lengths.sum())
         n_cells += int(lengths.size)
     manifest = {
@@ -61,6 +107,7 @@ def write_manifest(tmp: Path, *, vocab: Vocabulary, shard_files: list[Path], sou
         "adds_cls_eos": vocab.adds_cls_eos,
         "num_cells": n_cells,
         "num_tokens": lengths_total,
+        "split": _split_summary(shards, val_fraction),
         "length_histogram": {
             "bin_width": HISTOGRAM_BIN,
             "counts": hist.tolist() if hist is not None else [],
@@ -73,6 +120,16 @@ def write_manifest(tmp: Path, *, vocab: Vocabulary, shard_files: list[Path], sou
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def _count_val(split: pa.ChunkedArray) -> int:
+    return int(pc.sum(pc.equal(split.cast(pa.string()), "val")).as_py() or 0)
+
+
+def _split_summary(shards: list[dict], val_fraction: float) -> dict:
+    num_val = sum(s["num_val"] for s in shards)
+    return {"val_fraction": val_fraction, "rule": SPLIT_RULE, "column": SPLIT_COLUMN,
+            "num_train": sum(s["num_cells"] for s in shards) - num_val, "num_val": num_val}
 
 
 def _unify_schemas(paths: list[Path]) -> pa.Schema | None:
@@ -109,9 +166,42 @@ def read_manifest(corpus: str | Path) -> dict:
     if not path.exists():
         raise ValueError(f"{corpus} is not a corpus folder (no {MANIFEST}); create one with `geneformer-ray tokenize` or `convert-dataset`")
     manifest = json.loads(path.read_text())
-    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") != FORMAT_VERSION:
-        raise ValueError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')} is not {FORMAT_NAME} v{FORMAT_VERSION}")
+    if manifest.get("format") != FORMAT_NAME or manifest.get("format_version") not in READABLE_VERSIONS:
+        raise ValueError(f"{path}: format {manifest.get('format')} v{manifest.get('format_version')} is not "
+                         f"{FORMAT_NAME} v{' or v'.join(map(str, READABLE_VERSIONS))}; it was written by another release")
     return manifest
+
+
+def upgrade_corpus(corpus: str | Path, *, val_fraction: float = DEFAULT_VAL_FRACTION, progress: bool = True) -> dict:
+    """Record the pretraining split of a format-1 corpus in place (format 2); returns the new manifest.
+
+    Each shard is rewritten with its ``pretrain_split`` column under a new name beside the old one;
+    the new manifest then replaces the old in one rename, and only after that are the old shards
+    removed. A crash before the rename leaves the old corpus as it was (run the command again).
+    """
+    corpus = Path(corpus).absolute()
+    manifest = read_manifest(corpus)
+    if manifest["format_version"] == FORMAT_VERSION:
+        return manifest
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
+    stamp = time.strftime("%Y%m%d%H%M%S")
+    shards, old = [], []
+    for i, shard in enumerate(tqdm(manifest["shards"], desc="upgrade", unit="shard", disable=not progress)):
+        table = pq.read_table(corpus / shard["path"])
+        new = corpus / f"part-{i:05d}-v2-{stamp}.parquet"
+        pq.write_table(with_split(table, val_fraction), new, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_CELLS)
+        first = sum(s["num_cells"] for s in shards)
+        shards.append({**shard, "path": new.name, "num_val": _count_val(pq.read_table(new, columns=[SPLIT_COLUMN])[SPLIT_COLUMN]),
+                       "first_cell": first, "bytes": new.stat().st_size})
+        old.append(corpus / shard["path"])
+    upgraded = {**manifest, "format_version": FORMAT_VERSION, "shards": shards, "split": _split_summary(shards, val_fraction),
+                "columns": {**manifest["columns"], SPLIT_COLUMN: "dictionary<values=string, indices=int8, ordered=0>"},
+                "upgraded": {"from_version": 1, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}
+    write_json(corpus / MANIFEST, upgraded)
+    for path in old:
+        path.unlink(missing_ok=True)
+    return upgraded
 
 
 def check_vocab(manifest: dict, vocab: Vocabulary | str, *, corpus: str | Path = "corpus") -> None:

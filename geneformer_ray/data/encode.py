@@ -27,7 +27,7 @@ from geneformer_ray.data.vocab import Vocabulary, load_vocab
 from geneformer_ray.settings import Settings
 
 TARGET_SUM = 1e4
-RESERVED_COLUMNS = ("input_ids", "length", "cell_id", "counts")  # written by the tokenizer itself
+RESERVED_COLUMNS = ("input_ids", "length", "cell_id", "counts", "pretrain_split")  # written by the tokenizer itself
 HISTOGRAM_BIN = 64  # length histogram bin width in tokens
 
 
@@ -45,11 +45,14 @@ class TokenizeOptions(Settings):
     allow_non_integer: bool = False  # accept non-integer values (e.g. ambient-corrected counts)
     sum_duplicates: bool = True  # sum genes sharing an Ensembl ID (False: Geneformer V1, token repeated)
     min_mapped_fraction: float = 0.5  # refuse files whose gene IDs mostly do not map to Ensembl IDs
+    val_fraction: float = 0.02  # pretraining validation cells, by a hash of cell_id, recorded in each shard
 
     @model_validator(mode="after")
     def _check(self):
         if not 0.0 <= self.min_mapped_fraction <= 1.0:
             raise ValueError(f"min_mapped_fraction={self.min_mapped_fraction} must be between 0 and 1")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
         clash = set(RESERVED_COLUMNS).intersection((self.obs_columns or {}).values())
         if clash:
             raise ValueError(f"obs columns cannot be renamed to {sorted(clash)}: those output columns are reserved; rename them")

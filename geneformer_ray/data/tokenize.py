@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
-from geneformer_ray.data.corpus import PARQUET_COMPRESSION, write_manifest
+from geneformer_ray.data.corpus import PARQUET_COMPRESSION, ROW_GROUP_CELLS, with_split, write_manifest
 from geneformer_ray.data.encode import (
     GenePlan,
     TokenizeOptions,
@@ -104,7 +104,8 @@ def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_i
         keep = np.asarray(keep == 1, dtype=bool)
     table, stats = encode_cells(counts, n_counts=n_counts, keep=keep, cell_ids=cell_ids, metadata=metadata,
                                 plan=gene_plan, keep_counts=options.keep_counts)
-    pq.write_table(table, shard_path, compression=PARQUET_COMPRESSION)
+    table = with_split(table, options.val_fraction)
+    pq.write_table(table, shard_path, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_CELLS)
     stats["cells_at_input_size"] = int((table["length"].to_numpy() >= gene_plan.model_input_size).sum())
     return stats
 
@@ -156,7 +157,8 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
                 f"{summary['cells_no_vocab_gene']:,} with no {vocab.name} gene); check the filter column and the gene IDs"
             )
         manifest = write_manifest(tmp, vocab=vocab, shard_files=[j["shard_path"] for j in jobs if j["shard_path"].exists()],
-                                            sources=sources, summary=summary, settings={"cells_per_shard": cells_per_shard, **options.to_dict()})
+                                            sources=sources, summary=summary, settings={"cells_per_shard": cells_per_shard, **options.to_dict()},
+                                  val_fraction=options.val_fraction)
         (tmp / "summary.txt").write_text(format_summary(manifest) + "\n")
     except BaseException:
         discard_output(tmp)

@@ -2,13 +2,15 @@
 
     checkpoint/
       model/                config.json (+ vocabulary), model.safetensors: loads in stock transformers
-      trainer_state.pt      optimizer, scheduler, step, epoch, RNG, config, vocabulary hash, MLflow run id
+      trainer_state.pt      optimizer, scheduler, step, epoch, RNG, config, vocabulary hash, MLflow run id,
+                            and for pretraining the data position (epoch, consumed cells, masking RNG per rank)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file
 
@@ -20,7 +22,7 @@ STATE_FILE = "trainer_state.pt"
 
 
 def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab: Vocabulary, progress: dict,
-                    config: dict, tracking_run_id: str | None) -> Path:
+                    config: dict, tracking_run_id: str | None, data: dict | None = None) -> Path:
     directory = Path(directory)
     save_model(model, directory / "model", vocab=vocab)
     state = {
@@ -32,9 +34,18 @@ def save_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab
         "vocab_sha256": vocab.sha256,
         "config": config,
         "tracking_run_id": tracking_run_id,
+        "data": _tensors(data),  # the data position: plain values and tensors only (loaded with weights_only)
     }
     torch.save(state, directory / STATE_FILE)
     return directory
+
+
+def _tensors(value):
+    if isinstance(value, dict):
+        return {k: _tensors(v) for k, v in value.items()}
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value)
+    return value
 
 
 def load_checkpoint(directory: str | Path, *, model, optimizer, scheduler, vocab: Vocabulary, weights: dict | None = None) -> dict:

@@ -121,18 +121,6 @@ def padding_fraction(batches: list[np.ndarray], lengths: np.ndarray) -> float:
     return 1.0 - real / total if total else 0.0
 
 
-def iter_mlm_batches(shard, *, masker: GeneMasker, pad_id: int, batch_size: int | None, max_tokens: int | None,
-                     window_batches: int, shuffle_buffer: int, seed: int, pad_to_multiple: int = 1,
-                     max_width: int | None = None):
-    """Masked, padded, length-grouped batches (numpy) from a Ray Data shard of a corpus (see
-    ``iter_padded_batches``); labels are -100 except at the masked positions."""
-    for batch in iter_padded_batches(shard, pad_id=pad_id, batch_size=batch_size, max_tokens=max_tokens,
-                                     window_batches=window_batches, shuffle_buffer=shuffle_buffer, seed=seed,
-                                     pad_to_multiple=pad_to_multiple, max_width=max_width):
-        masked, labels = masker(batch["input_ids"])
-        yield {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
-
-
 def iter_padded_batches(shard, *, pad_id: int, batch_size: int | None = None, max_tokens: int | None = None,
                         window_batches: int = 64, shuffle_buffer: int = 0, seed: int = 0, columns: list[str] = (),
                         keep=None, pad_to_multiple: int = 1, max_width: int | None = None):

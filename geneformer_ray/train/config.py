@@ -44,7 +44,7 @@ class DataConfig(Settings):
     max_tokens: int | None = None  # token-budget batches instead of a fixed batch size
     window_batches: int = 64  # length grouping: batches sorted together
     shuffle_buffer: int = 4096  # rows in the local shuffle buffer of each worker
-    val_fraction: float = 0.02  # held out by a hash of cell_id (the same cells in every run)
+    val_fraction: float | None = None  # must match the corpus's recorded split (tokenize --val-fraction); null: the corpus's
     mlm_probability: float = 0.15
     pad_to_multiple: int | None = None  # batch width rounded up to this; default 64 on CUDA/NPU, 1 on CPU
 
@@ -53,7 +53,7 @@ class DataConfig(Settings):
         _check_corpus(self.corpus)
         if (self.batch_size is None) == (self.max_tokens is None):
             raise ValueError("set exactly one of data.batch_size and data.max_tokens (the other to null)")
-        if not 0 <= self.val_fraction < 1:
+        if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
             raise ValueError(f"data.val_fraction={self.val_fraction} must be in [0, 1)")
         if not 0 < self.mlm_probability < 1:
             raise ValueError(f"data.mlm_probability={self.mlm_probability} must be in (0, 1)")
@@ -105,6 +105,7 @@ class TrainConfig(Settings):
     run_name: str = "pretrain"  # re-running with the same name and storage_path resumes
     storage_path: AbsolutePath = "runs"  # multi-node: shared storage (NFS or S3-compatible) visible to every node
     placement_strategy: str = "PACK"  # PACK fills a node first; SPREAD puts workers on different nodes
+    cell_log: AbsolutePath | None = None  # folder: the corpus cell numbers of every step, per rank (an audit)
 
     @model_validator(mode="after")
     def _check(self):

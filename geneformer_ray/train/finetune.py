@@ -12,6 +12,7 @@ any worker starts, fits one ``TorchTrainer`` (one per fold for genes), and retur
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import time
 from functools import partial
@@ -23,7 +24,7 @@ import ray.train
 import torch
 from pydantic import Field
 
-from geneformer_ray.data.corpus import read_corpus
+from geneformer_ray.data.corpus import read_corpus, read_manifest
 from geneformer_ray.data.vocab import load_vocab
 from geneformer_ray.files import write_json
 from geneformer_ray.models.attention import use_sparse_attention_dropout
@@ -35,6 +36,7 @@ from geneformer_ray.tracking import log_final_model, start_tracking
 from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
 from geneformer_ray.train.config import FinetuneConfig
+from geneformer_ray.train.contract import config_terms, corpus_terms, keep_contract
 from geneformer_ray.train.loss import TaskLoss, write_test_evaluation
 from geneformer_ray.train.prepare import prepare_task
 from geneformer_ray.train.schedule import build_scheduler
@@ -90,7 +92,7 @@ def train_loop_per_worker(config: dict) -> None:
     model.train()
     window = {"loss": [], "start": time.perf_counter(), "cells": 0}
     history, val_history = [], []
-    done = progress["epoch"] >= cfg.train.epochs
+    done = progress["epoch"] >= cfg.train.epochs or (cfg.train.max_steps is not None and progress["step"] >= cfg.train.max_steps)
     last_val: dict = {}
     progress.setdefault("epoch_start", progress["step"])  # the step this epoch began at (epochs_done)
     while not done:
@@ -252,9 +254,10 @@ class FinetuneRun(Settings):
 def fit_split(cfg: FinetuneConfig, plan: AcceleratorPlan, prepared: dict, split: dict, *, run_name: str,
               tags: dict | None = None, callbacks: list | None = None, tracking_run_id: str | None = None) -> dict:
     """Fit one fine-tuning run on one split of ``prepare_task``'s output (a fold, or a Tune trial's run)."""
-    datasets = _datasets(cfg, prepared, split)
     run_dir = cfg.run_dir(run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
+    keep_contract(run_dir, finetune_terms(cfg, prepared, split))
+    datasets = _datasets(cfg, prepared, split)
     steps_per_epoch = max(1, split["num_train"] // (cfg.data.batch_size * cfg.train.num_workers))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     per_epoch = cfg.train.evals_per_epoch
@@ -276,6 +279,17 @@ def fit_split(cfg: FinetuneConfig, plan: AcceleratorPlan, prepared: dict, split:
 
     summary["registered_version"] = log_final_model(cfg, run_name, summary)
     return summary
+
+
+def finetune_terms(cfg: FinetuneConfig, prepared: dict, split: dict) -> dict:
+    """What a resumed fine-tuning run must share with the run it resumes: the config less budgets and
+    tracking, the corpus by content, the vocabulary, the label set, and the cells of each split."""
+    manifest = read_manifest(cfg.data.corpus)
+    cells = {name: sorted(map(str, members)) for name, members in split["cells"].items()}
+    digest = hashlib.sha256(json.dumps([cells, split.get("genes")], sort_keys=True).encode()).hexdigest()
+    return {**config_terms(cfg), **corpus_terms(cfg.data.corpus, manifest, load_vocab(prepared["vocab_name"])),
+            "labels": prepared["heads"], "split.cells_sha256": digest,
+            "split.sizes": {k: int(v) for k, v in split["sizes"].items()}}
 
 
 def _datasets(cfg: FinetuneConfig, prepared: dict, split: dict) -> dict:
