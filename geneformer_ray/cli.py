@@ -45,9 +45,11 @@ def _convert(args) -> int:
 
 
 def _upgrade(args) -> int:
+    already = "split" in gr.Corpus.open(args.corpus).manifest
     corpus = gr.upgrade_corpus(args.corpus, val_fraction=args.val_fraction, progress=not args.quiet)
     split = corpus.manifest["split"]
-    print(f"{corpus.path}: corpus format {corpus.manifest['format_version']}, pretraining split recorded "
+    print(f"{corpus.path}: corpus format {corpus.manifest['format_version']}, pretraining split "
+          f"{'already recorded, nothing changed' if already else 'recorded'} "
           f"({split['num_train']:,} train / {split['num_val']:,} validation cells, val_fraction {split['val_fraction']})")
     return 0
 
