@@ -39,7 +39,7 @@ from geneformer_ray.infer.embed import OBSM_KEY, add_embeddings
 from geneformer_ray.infer.embed import embed as embed_corpus
 from geneformer_ray.infer.embed import read_embeddings
 from geneformer_ray.infer.perturb import perturb as perturb_corpus
-from geneformer_ray.infer.perturb_stats import read_shifts
+from geneformer_ray.infer.perturb_stats import read_shifts, run_stats
 from geneformer_ray.infer.predict import predict as predict_corpus
 from geneformer_ray.models.folders import publish_model
 from geneformer_ray.runtime import AcceleratorConfig, start_ray
@@ -248,11 +248,18 @@ class Perturbation:
 
     def describe(self) -> str:
         s = self.summary
-        lines = [f"skipped (not in the vocabulary): {', '.join(s['genes_not_in_vocab'])}"] if s["genes_not_in_vocab"] else []
-        lines.append(f"{s['perturbations']:,} perturbations of {s['cells']:,} cells ({s['cells_resumed']:,} done before), "
-                     f"{s['genes_tested']:,} genes tested, {s['genes_fdr_below_0.05']:,} with FDR < 0.05, {s['seconds']} s")
-        lines.append(f"  {s['out']}/gene_stats.csv\n  {s['out']}/shift_vs_significance.png")
+        lines = [f"{s['perturbations']:,} perturbations of {s['cells']:,} cells ({s['cells_resumed']:,} done before), "
+                 f"{s['genes_tested']:,} genes tested on {s['metric']}, {s['genes_fdr_below_0.05']:,} with FDR < 0.05, "
+                 f"{s['seconds']} s"]
+        if s.get("genes_not_in_any_cell"):
+            lines.append(f"in none of the cells: {', '.join(s['genes_not_in_any_cell'])}")
+        lines += [f"  {s['out']}/{name}" for name in [*s["tables"], "shift_vs_significance.png"]]
         return "\n".join(lines)
+
+    def stats(self, mode: str, **options) -> pd.DataFrame:
+        """Another statistics mode on this run (``vs_random``, ``goal_state_shift``, ``vs_null`` with
+        ``null_run=``, ``mixture_model``, ``aggregate_data`` with ``genes=``, ``aggregate_gene_shifts``)."""
+        return run_stats(self.out, mode, **options)
 
     def shifts(self) -> pd.DataFrame:
         """One row per cell and perturbed gene (and null gene): the embedding shifts the statistics test."""
@@ -382,14 +389,21 @@ def embed(model: PathLike | EmbedConfig, corpus: PathLike | None = None, out: Pa
 
 def perturb(model: PathLike | PerturbConfig, corpus: PathLike | None = None, out: PathLike | None = None,
             **options) -> Perturbation:
-    """In-silico deletion or over-expression of genes (or of every gene of each cell), the shift of each
-    cell's embedding, and per-gene statistics against a null; resumable in ``out``. ``options``: the fields
-    of ``PerturbConfig`` (perturbation, genes, all_genes, start_state, goal_state, layer, max_cells,
-    null_genes, seed, ...)."""
+    """In-silico deletion, over-expression, inhibition or activation of genes (each alone, a set together,
+    every gene of each cell, pairs with an anchor), measured by Geneformer's definitions (or ours), with
+    per-gene statistics; resumable in ``out``. ``options``: the fields of ``PerturbConfig`` (perturbation,
+    genes, all_genes, group, anchor, emb_mode, start_state, goal_state, alt_states, filters, cell_range,
+    layer, max_cells, null_genes, seed, ...)."""
     cfg = _infer_config(PerturbConfig, model, corpus, out, options)
     summary = perturb_corpus(cfg)
     out_dir = Path(summary["out"])
     return Perturbation(out=out_dir, gene_stats=pd.read_csv(out_dir / "gene_stats.csv"), summary=summary)
+
+
+def perturb_stats(run: PathLike, mode: str, *, null_run: PathLike | None = None, genes: list[str] | None = None,
+                  metric: str | None = None) -> pd.DataFrame:
+    """A statistics mode of Geneformer's InSilicoPerturberStats on a finished perturbation folder."""
+    return run_stats(run, mode, null_run=null_run, genes=genes, metric=metric)
 
 
 # -- plain values -> configs -----------------------------------------------------------------------
@@ -433,5 +447,5 @@ def _cell_id_column(corpus: PathLike) -> str | None:
 
 
 __all__ = ["Corpus", "Embeddings", "Perturbation", "Predictions", "StudyResult", "TrainResult", "convert", "embed",
-           "finetune", "perturb", "predict", "pretrain", "quickstart", "run_study", "tokenize", "tune",
+           "finetune", "perturb", "perturb_stats", "predict", "pretrain", "quickstart", "run_study", "tokenize", "tune",
            "upgrade_corpus"]

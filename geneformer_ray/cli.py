@@ -7,6 +7,7 @@
     geneformer-ray vocab gc104M
     geneformer-ray embed --model runs/quickstart/model --corpus runs/quickstart/corpus --out runs/embed --color cell_type
     geneformer-ray perturb --model ... --corpus ... --out runs/perturb --genes CD74 --perturbation delete
+    geneformer-ray perturb-stats runs/perturb --mode mixture_model
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from pathlib import Path
 
 import geneformer_ray as gr  # the API loads on first use: --help and usage errors answer in well under a second
 from geneformer_ray.data.vocab import load_vocab
+from geneformer_ray.files import write_text_atomic
+from geneformer_ray.infer.perturb_plan import EMB_MODES as PERTURB_EMB_MODES
+from geneformer_ray.infer.perturb_plan import KINDS as PERTURBATIONS
+from geneformer_ray.infer.perturb_plan import MEASURES, STATS_MODES
 
 DEMO_DATA = Path(__file__).parent / "resources" / "demo"  # the bundled PBMC3k cells (tests use them too)
 
@@ -93,10 +98,21 @@ def _embed(args) -> int:
 
 def _perturb(args) -> int:
     print(gr.perturb(args.model, args.corpus, args.out, perturbation=args.perturbation, genes=args.genes or [],
-                     all_genes=args.all_genes, start_state=args.start_state, goal_state=args.goal_state,
-                     layer=args.layer, max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed,
+                     all_genes=args.all_genes, group=args.group, anchor=args.anchor, quartiles=args.quartiles,
+                     emb_mode=args.emb_mode, measure=args.measure, start_state=args.start_state, goal_state=args.goal_state,
+                     alt_states=args.alt_state, filters=args.filter, cell_range=args.cell_range, layer=args.layer,
+                     max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed,
                      cells_per_batch=args.cells_per_batch, progress=not args.quiet, **_tracking_options(args),
                      **_actor_options(args)).describe())
+    return 0
+
+
+def _perturb_stats(args) -> int:
+    stats = gr.perturb_stats(args.run, args.mode, null_run=args.null_run, genes=args.genes, metric=args.metric)
+    out = Path(args.out or Path(args.run) / f"stats_{args.mode}.csv")
+    write_text_atomic(out, stats.to_csv(index=False))
+    print(stats.head(args.show).to_string(index=False, max_colwidth=24))
+    print(f"{len(stats):,} rows -> {out}")
     return 0
 
 
@@ -223,9 +239,20 @@ def build_parser() -> argparse.ArgumentParser:
     genes = p.add_mutually_exclusive_group(required=True)
     genes.add_argument("--genes", nargs="+", metavar="GENE", help="Ensembl IDs or symbols to perturb")
     genes.add_argument("--all-genes", action="store_true", help="perturb every gene of each cell")
-    p.add_argument("--perturbation", choices=["delete", "overexpress"], required=True)
+    p.add_argument("--perturbation", choices=list(PERTURBATIONS), required=True,
+                   help="delete | overexpress (to the top) | inhibit / activate (down / up by --quartiles of the ranking)")
+    p.add_argument("--group", action="store_true", help="perturb the --genes together (one perturbation), not each alone")
+    p.add_argument("--anchor", default=None, metavar="GENE", help="the anchor alone, then with each other gene (combos)")
+    p.add_argument("--quartiles", type=int, default=1, help="inhibit / activate: quarters of the ranking moved (1-3)")
+    p.add_argument("--emb-mode", default="cell", choices=list(PERTURB_EMB_MODES),
+                   help="cell (gene-state mean), cls (V2 <cls>), cell_and_gene / cls_and_gene (also every other gene's shift)")
+    p.add_argument("--measure", default="geneformer", choices=list(MEASURES),
+                   help="the shift tested without states: Geneformer's (default) or 1 - cos of mean-pooled cells")
     p.add_argument("--start-state", default=None, metavar="COL=VALUE", help="perturb cells of this state ...")
     p.add_argument("--goal-state", default=None, metavar="COL=VALUE", help="... and measure their shift towards this one")
+    p.add_argument("--alt-state", action="append", default=[], metavar="COL=VALUE", help="an alternative end state (repeatable)")
+    p.add_argument("--filter", action="append", default=[], metavar="COL=V1[,V2]", help="only cells with these values (repeatable)")
+    p.add_argument("--cell-range", default=None, metavar="START:END", help="the selected cells at these positions")
     p.add_argument("--layer", type=int, default=-1, help="0 = last layer, -1 = second to last (default), ...")
     p.add_argument("--max-cells", type=int, default=None, help="a seeded sample of this many (start-state) cells")
     p.add_argument("--null-genes", type=int, default=5, help="random genes per cell perturbed as the null (default 5)")
@@ -234,6 +261,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     _inference_args(p, default_batch=64, experiment="geneformer-perturb")
     p.set_defaults(func=_perturb)
+
+    p = sub.add_parser("perturb-stats", help="a statistics mode of Geneformer's InSilicoPerturberStats on a perturb folder")
+    p.add_argument("run", help="a geneformer-ray perturb --out folder")
+    p.add_argument("--mode", default="vs_random", choices=list(STATS_MODES))
+    p.add_argument("--null-run", default=None, help="vs_null: the perturb folder of the null (e.g. control cells)")
+    p.add_argument("--genes", nargs="+", default=None, metavar="GENE", help="aggregate_data: these genes only")
+    p.add_argument("--metric", default=None, help="the shift column (default: the run's: shift, cell_shift or shift_to_goal)")
+    p.add_argument("--out", default=None, help="the CSV to write (default RUN/stats_MODE.csv)")
+    p.add_argument("--show", type=int, default=15, help="rows printed")
+    p.set_defaults(func=_perturb_stats)
 
     p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU workers")
     p.add_argument("--out", default="runs/quickstart")

@@ -287,11 +287,17 @@ def plan_actor_pool(config: AcceleratorConfig | None = None, num_actors: int | N
     return plan, num_actors or default_num_actors(plan, ray.cluster_resources())
 
 
-def actor_pool(num_actors: int):
+def actor_pool(num_actors: int, *, one_block_at_a_time: bool = False):
     """Ray Data's pool of model actors: work starts with the first actor up and the pool grows to
-    ``num_actors`` as devices free up (a fixed-size pool waits for all of them on a busy cluster)."""
+    ``num_actors`` as devices free up (a fixed-size pool waits for all of them on a busy cluster).
+    ``one_block_at_a_time``: an actor is handed its next block only when it finished the last, so that
+    long compute-bound blocks (perturbation: minutes each) spread over every actor instead of queueing
+    behind the first one up (Ray Data hands an actor up to 4 blocks by default)."""
     import ray.data
 
+    if one_block_at_a_time:
+        return ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors, initial_size=num_actors,
+                                          max_tasks_in_flight_per_actor=1)
     return ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors)
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import anndata
 import numpy as np
 import pandas as pd
+from pandas.testing import assert_frame_equal
 import pytest
 import torch
 import transformers
@@ -96,11 +97,14 @@ def test_a_notebook_session_on_published_model_folders(ray_session, published, t
 
     # the V2-104M layout (<cls> ... <eos>): perturbation statistics come back as a DataFrame
     v2_corpus = gr.tokenize(adata, tmp_path / "corpus_v2", vocab="gc104M", obs=[], progress=False)
-    perturbation = gr.perturb(published["V2"], v2_corpus, tmp_path / "perturb", perturbation="delete",
+    perturbation = gr.perturb(published["V2"], v2_corpus, tmp_path / "perturb", perturbation="delete", emb_mode="cls",
                               genes=["CD79A", "MS4A1"], null_genes=2, num_actors=1, accelerator="cpu", progress=False)
     stats = perturbation.gene_stats
     assert isinstance(stats, pd.DataFrame) and set(stats["symbol"]) == {"CD79A", "MS4A1"}
     assert (stats["cells"] > 0).all() and len(perturbation.shifts()) > len(stats)
+    raw = perturbation.stats("aggregate_data", genes=["CD79A"])
+    assert set(raw["symbol"]) == {"CD79A"} and len(raw) == stats.loc[stats["symbol"] == "CD79A", "cells"].item()
+    assert_frame_equal(gr.perturb_stats(tmp_path / "perturb", "vs_random"), stats, check_dtype=False)
 
 
 def test_bad_values_are_refused_naming_the_field_before_ray_starts(tmp_path):

@@ -13,6 +13,7 @@ import torch
 
 from geneformer_ray.runtime import AcceleratorConfig
 from geneformer_ray.api import embed, perturb
+from geneformer_ray.data.vocab import load_vocab
 from geneformer_ray.infer.embed import read_embeddings
 from geneformer_ray.infer.encoder import CellEncoder
 from geneformer_ray.models.flavours import build_model
@@ -141,13 +142,19 @@ def test_bad_input_is_refused_before_any_work(pbmc3k_v1_corpus, v1_model, v2, tm
         (lambda: embed(tmp_path, pbmc3k_v1_corpus, out), r"not a model folder"),
         (lambda: perturb(v2_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74"]), r"vocabulary"),
         (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["NOTAGENE", "ENSG00000000000"]),
-         r"none of \['NOTAGENE', 'ENSG00000000000'\] is a gene"),
+         r"'NOTAGENE' is unknown \(nearest: .*\); 'ENSG00000000000' has no token in the gc30M vocabulary"),
+        (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=load_vocab("gc30M").gene_tokens[:2100],
+                         group=True, max_cells=3), r"--group of 2100 genes is as large as the cells' encodings"),
+        (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74"], emb_mode="cls"),
+         r"--emb-mode cls needs a V2 model"),
+        (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74"], filters=["cell_type=Neuron"]),
+         r"--filter: no cell .* cell_type='Neuron'"),
         (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74"],
                          start_state="cell_type=B", goal_state="cell_type=Neuron"), r"no cell .* cell_type='Neuron'.*'B'"),
         (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74"], start_state="cell_type=B"),
          r"go together"),
         (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74"], layer=-3), r"out of range"),
-        (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="shuffle", genes=["CD74"]), r"delete or overexpress"),
+        (lambda: perturb(v1_model, pbmc3k_v1_corpus, out, perturbation="shuffle", genes=["CD74"]), r"use delete, overexpress, inhibit, activate"),
     ]
     for call, message in cases:
         with pytest.raises(ValueError, match=message):

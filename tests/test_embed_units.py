@@ -13,8 +13,9 @@ from geneformer_ray.infer.plots import heatmap_rows, plot_heatmap, plot_umap
 from geneformer_ray.models.flavours import build_model
 from geneformer_ray.models.folders import save_model
 from geneformer_ray.infer.config import parse_state
-from geneformer_ray.infer.perturb import PerturbParams, _open_output, cosine, perturbed_encoding, resolve_genes
-from geneformer_ray.infer.perturb_stats import ORIGINAL, benjamini_hochberg, gene_statistics
+from geneformer_ray.infer.perturb import PerturbParams, _open_output
+from geneformer_ray.infer.perturb_plan import resolve_genes
+from geneformer_ray.infer.perturb_stats import benjamini_hochberg
 from geneformer_ray.data.vocab import load_vocab
 
 
@@ -25,18 +26,6 @@ def test_layer_choice_counts_like_geneformer():
     for bad in (1, -7):
         with pytest.raises(ValueError, match=r"--layer .* out of range for a 6-layer model"):
             hidden_state_index(bad, 6)
-
-
-def test_perturbed_encodings_v1_and_v2():
-    v1 = np.array([10, 11, 12, 13])
-    assert perturbed_encoding(v1, 12, "delete", cls_id=None, eos_id=None, max_genes=2048).tolist() == [10, 11, 13]
-    assert perturbed_encoding(v1, 12, "overexpress", cls_id=None, eos_id=None, max_genes=2048).tolist() == [12, 10, 11, 13]
-    # absent gene over-expressed at the input size: inserted first, the last gene drops out
-    assert perturbed_encoding(v1, 99, "overexpress", cls_id=None, eos_id=None, max_genes=4).tolist() == [99, 10, 11, 12]
-    v2 = np.array([2, 10, 11, 12, 3])  # <cls> genes <eos>
-    assert perturbed_encoding(v2, 11, "delete", cls_id=2, eos_id=3, max_genes=4094).tolist() == [2, 10, 12, 3]
-    assert perturbed_encoding(v2, 12, "overexpress", cls_id=2, eos_id=3, max_genes=4094).tolist() == [2, 12, 10, 11, 3]
-    assert perturbed_encoding(v2, 99, "overexpress", cls_id=2, eos_id=3, max_genes=3).tolist() == [2, 99, 10, 11, 3]
 
 
 def test_encoder_mean_and_cls_equal_a_hand_computation_without_special_or_pad_tokens(tmp_path):
@@ -56,41 +45,16 @@ def test_encoder_mean_and_cls_equal_a_hand_computation_without_special_or_pad_to
             np.testing.assert_allclose(batch_cls[i], chosen[0].numpy(), atol=2e-6)
 
 
-def test_statistics_on_a_constructed_case():
-    rng = np.random.default_rng(0)
-    null = pd.DataFrame({"cell_id": [f"c{i}" for i in range(300)], "gene_token": rng.integers(100, 200, 300),
-                         "is_null": True, "shift": rng.normal(0.10, 0.01, 300), "goal_shift": np.nan})
-    moved = pd.DataFrame({"cell_id": [f"c{i}" for i in range(40)], "gene_token": 7, "is_null": False,
-                          "shift": rng.normal(0.30, 0.01, 40), "goal_shift": np.nan})
-    like_null = pd.DataFrame({"cell_id": [f"c{i}" for i in range(40)], "gene_token": 8, "is_null": False,
-                              "shift": rng.normal(0.10, 0.01, 40), "goal_shift": np.nan})
-    rare = pd.DataFrame({"cell_id": ["c1", "c2"], "gene_token": 9, "is_null": False, "shift": [0.5, 0.6], "goal_shift": np.nan})
-    originals = pd.DataFrame({"cell_id": [f"c{i}" for i in range(40)], "gene_token": ORIGINAL, "is_null": False,
-                              "shift": 0.0, "goal_shift": np.nan})
-    stats = gene_statistics(pd.concat([null, moved, like_null, rare, originals], ignore_index=True))
-    by_gene = stats.set_index("gene_token")
-    assert list(stats["gene_token"][:2]) == [7, 8] and ORIGINAL not in by_gene.index
-    assert by_gene.loc[7, "cells"] == 40 and by_gene.loc[7, "mean_shift"] == pytest.approx(0.30, abs=0.01)
-    assert by_gene.loc[7, "fdr"] < 1e-10  # every moved shift lies above every null shift
-    assert by_gene.loc[8, "fdr"] > 0.05
-    assert np.isnan(by_gene.loc[9, "p_value"]) and np.isnan(by_gene.loc[9, "fdr"])  # 2 cells: not tested
-    assert by_gene.loc[7, "null_mean_shift"] == pytest.approx(null["shift"].mean())
-
-
 def test_benjamini_hochberg_by_hand():
     # sorted p: 0.01 0.02 0.03 0.5 (m = 4): p * m / rank = 0.04 0.04 0.04 0.5, then the running minimum from the top
     np.testing.assert_allclose(benjamini_hochberg([0.03, np.nan, 0.01, 0.5, 0.02]), [0.04, np.nan, 0.04, 0.5, 0.04])
 
 
-def test_cosine_rows_and_broadcast():
-    a = np.array([[1.0, 0.0], [1.0, 1.0]])
-    np.testing.assert_allclose(cosine(a, np.array([1.0, 0.0])), [1.0, 1 / np.sqrt(2)])
-
-
 def test_genes_by_symbol_or_id_and_states():
     vocab = load_vocab("gc30M")
-    found, missing = resolve_genes(["CD74", "ENSG00000090382", "NOTAGENE", "cd74"], vocab)
-    assert found == ["ENSG00000019582", "ENSG00000090382"] and missing == ["NOTAGENE"]
+    assert resolve_genes(["CD74", "ENSG00000090382", "cd74"], vocab) == ["ENSG00000019582", "ENSG00000090382"]
+    with pytest.raises(ValueError, match=r"--genes: 'CD7A' is unknown \(nearest: .*CD79A.*\); 'MALAT1' \(ENSG\d+\) has no token in the gc30M vocabulary.*human"):
+        resolve_genes(["CD74", "CD7A", "MALAT1"], vocab)
     assert vocab.gene_symbols["ENSG00000019582"] == "CD74"
     assert parse_state("cell_type=CD14+ Mono", "--goal-state") == ["cell_type", "CD14+ Mono"]
     with pytest.raises(ValueError, match="use COLUMN=VALUE"):

@@ -19,7 +19,7 @@ SHARED = {"settings", "files", "plots", "tracking", "runtime"}  # top-level help
 LAZY = {"torch": "runtime: tokenize tasks and the CLI's checks plan devices without torch",
         "ray.train": "runtime: as torch", "ray.train.torch": "runtime: as torch", "ray.data": "runtime: as torch",
         "mlflow": "2.6 s; runs with tracking off never need it", "umap": "first import compiles numba code (~20 s)",
-        "matplotlib": "only runs that draw need it", "torch_npu": "the NPU seam: absent on CPU and CUDA hosts"}
+        "matplotlib": "only runs that draw need it", "sklearn.mixture": "2-6 s; only the perturbation mixture model needs it", "torch_npu": "the NPU seam: absent on CPU and CUDA hosts"}
 
 
 def _modules() -> dict[str, ast.Module]:

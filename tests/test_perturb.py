@@ -1,5 +1,6 @@
 """Ring 2-3 of in-silico perturbation on real PBMC3k cells: shifts against an oracle that embeds the
-perturbed encoding by hand, the goal state, --all-genes with its null, resuming after a killed driver."""
+perturbed encoding by hand (Geneformer's gene-mean cosine, ours, the state shifts), the gene network on two
+actors, anchor pairs with filters, resuming after a killed driver."""
 
 from __future__ import annotations
 
@@ -16,13 +17,14 @@ import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 
+from geneformer_ray.data.corpus import read_columns
 from geneformer_ray.runtime import AcceleratorConfig
 from geneformer_ray.infer.encoder import CellEncoder, select_cells
 from geneformer_ray.models.flavours import build_model
 from geneformer_ray.models.folders import save_model
 from geneformer_ray.api import perturb
-from geneformer_ray.infer.perturb import cosine, perturbed_encoding
-from geneformer_ray.infer.perturb_stats import ORIGINAL, read_shifts
+from geneformer_ray.infer.perturb_plan import ORIGINAL, perturb_encoding
+from geneformer_ray.infer.perturb_stats import read_shifts
 
 CPU = AcceleratorConfig(type="cpu")
 CD74, LYZ = "ENSG00000019582", "ENSG00000090382"
@@ -33,54 +35,75 @@ def model(tmp_path_factory):
     return save_model(build_model("tiny", seed=0), tmp_path_factory.mktemp("models") / "tiny", vocab="gc30M")
 
 
+def cosine(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
 def _cells(corpus, ids) -> dict[str, np.ndarray]:
     wanted = set(ids)
     return {cid: np.asarray(tokens) for shard in sorted(corpus.glob("part-*.parquet"))
             for cid, tokens in zip(*pq.read_table(shard, columns=["cell_id", "input_ids"]).to_pydict().values()) if cid in wanted}
 
 
-def test_delete_matches_the_oracle_and_measures_the_shift_towards_the_goal(ray_session, pbmc3k_v1_corpus, model, tmp_path,
-                                                                          mlflow_server):
+def _gene_cosine(encoder, ids, new_ids, source, tokens):
+    """Geneformer's shift by hand: the mean over the remaining genes of cos(state after, same gene's state before)."""
+    before, _, _ = encoder.states([ids])
+    after, _, _ = encoder.states([new_ids])
+    keep = (source >= 0) & ~np.isin(new_ids, tokens)
+    return cosine(after[0].numpy()[keep], before[0].numpy()[source[keep]]).mean()
+
+
+def test_delete_matches_the_oracle_and_measures_the_shift_towards_goal_and_alternative(ray_session, pbmc3k_v1_corpus,
+                                                                                        model, tmp_path, mlflow_server):
     out = tmp_path / "delete"
-    summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74", LYZ, "HLA-DRA", "NOTAGENE"],
-                      start_state="cell_type=B", goal_state="cell_type=CD14+ Mono", max_cells=10, max_state_cells=40,
-                      num_actors=2, cells_per_batch=3, accelerator=CPU, tracking_uri=mlflow_server, progress=False).summary
-    assert summary["cells"] == 10 and summary["genes_not_in_vocab"] == ["NOTAGENE"] and summary["cells_resumed"] == 0
+    summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="delete", genes=["CD74", LYZ, "HLA-DRA"],
+                      start_state="cell_type=B", goal_state="cell_type=CD14+ Mono", alt_states=["cell_type=NK"],
+                      max_cells=10, max_state_cells=40, num_actors=2, cells_per_batch=3, accelerator=CPU,
+                      tracking_uri=mlflow_server, progress=False).summary
+    assert summary["cells"] == 10 and summary["cells_resumed"] == 0 and summary["metric"] == "shift_to_goal"
     shifts = read_shifts(out / "shifts")
     starts = select_cells(pbmc3k_v1_corpus, where=("cell_type", "B"), max_cells=10, seed=0)
     cells = _cells(pbmc3k_v1_corpus, starts)
     assert set(shifts["cell_id"]) == set(starts) and len(list((out / "shifts").glob("part-*.parquet"))) == 4
 
     encoder = CellEncoder(model, layer=-1)
-    goal_cells = _cells(pbmc3k_v1_corpus, select_cells(pbmc3k_v1_corpus, where=("cell_type", "CD14+ Mono"), max_cells=40))
-    goal = np.mean([encoder.cell_embeddings([c])[0] for c in goal_cells.values()], 0)
-    saved_goal = np.array(json.loads((out / "perturb.json").read_text())["goal_embedding"])
-    np.testing.assert_allclose(saved_goal, goal, atol=1e-5)
+    states = json.loads((out / "perturb.json").read_text())["state_embeddings"]
+    centres = {}
+    for label, value, n in (("start", "B", 40), ("goal", "CD14+ Mono", 40), ("alt1", "NK", 40)):
+        members = _cells(pbmc3k_v1_corpus, select_cells(pbmc3k_v1_corpus, where=("cell_type", value), max_cells=n))
+        centres[label] = np.mean([encoder.cell_embeddings([c])[0] for c in members.values()], 0)
+        np.testing.assert_allclose(states[label]["embedding"], centres[label], atol=1e-5)
+        assert states[label]["value"] == value and states[label]["cells"] == n
 
     token = {g: encoder.vocab.token_ids[g] for g in (CD74, LYZ)}
     # delete: only cells that express the gene; every row equals the oracle (the encoding with the token removed)
     for gene, tok in token.items():
-        rows = shifts[(shifts["gene_token"] == tok) & ~shifts["is_null"]]
+        rows = shifts[(shifts["gene_token"] == tok) & (shifts["role"] == "gene")]
         assert set(rows["cell_id"]) == {c for c, ids in cells.items() if tok in ids}
-    rows = shifts[shifts["gene_token"].isin(token.values()) & ~shifts["is_null"]]
+    rows = shifts[shifts["gene_token"].isin(token.values()) & (shifts["role"] == "gene")]
     assert len(rows) >= 10
     for _, row in rows.iterrows():
         ids = cells[row["cell_id"]]
         original = encoder.cell_embeddings([ids])[0]
-        deleted = encoder.cell_embeddings([ids[ids != row["gene_token"]]])[0]
-        assert row["shift"] == pytest.approx(1 - cosine(original, deleted), abs=2e-6)
-        assert row["goal_shift"] == pytest.approx(cosine(deleted, goal) - cosine(original, goal), abs=2e-6)
+        new_ids, source = perturb_encoding(ids, (row["gene_token"],), "delete", cls_id=None, eos_id=None, max_genes=2048)
+        deleted = encoder.cell_embeddings([new_ids])[0]
+        assert row["shift"] == pytest.approx(1 - _gene_cosine(encoder, ids, new_ids, source, [row["gene_token"]]), abs=2e-6)
+        assert row["cell_shift"] == pytest.approx(1 - cosine(original, deleted), abs=2e-6)
+        for label, centre in centres.items():
+            assert row[f"shift_to_{label}"] == pytest.approx(cosine(deleted, centre) - cosine(original, centre), abs=2e-6)
     assert rows["shift"].max() > 1e-5  # an untrained model still moves
-    # the null: 5 random genes of each cell, none of them a target; the originals record the cell's cosine to the goal
-    null = shifts[shifts["is_null"]]
+    # the null: 5 random genes of each cell, none of them a target; the originals record the cell's cosine to each state
+    null = shifts[shifts["role"] == "null"]
     assert (null.groupby("cell_id").size() == 5).all() and not null["gene_token"].isin(token.values()).any()
     originals = shifts[shifts["gene_token"] == ORIGINAL].set_index("cell_id")
     first = starts[0]
-    assert originals.loc[first, "goal_shift"] == pytest.approx(cosine(encoder.cell_embeddings([cells[first]])[0], goal), abs=1e-6)
+    assert originals.loc[first, "shift_to_goal"] == pytest.approx(
+        cosine(encoder.cell_embeddings([cells[first]])[0], centres["goal"]), abs=1e-6)
 
-    stats = pd.read_csv(out / "gene_stats.csv")
+    stats = pd.read_csv(out / "gene_stats.csv")  # Geneformer's goal_state_shift against the null rows
     assert "CD74" in set(stats["symbol"]) and set(stats["symbol"]) <= {"CD74", "LYZ", "HLA-DRA"}
-    assert {"cells", "mean_goal_shift", "mean_shift", "p_value", "fdr"} <= set(stats.columns)
+    assert {"cells", "mean_shift_to_goal", "mean_shift_to_alt1", "p_value", "fdr", "fdr_alt1", "significant"} <= set(stats.columns)
     assert stats.loc[stats["symbol"] == "CD74", "cells"].item() == rows[rows["gene_token"] == token[CD74]].shape[0]
     assert (out / "shift_vs_significance.png").stat().st_size > 10_000
     client = mlflow.MlflowClient(mlflow_server)
@@ -88,25 +111,72 @@ def test_delete_matches_the_oracle_and_measures_the_shift_towards_the_goal(ray_s
         {f.path for f in client.list_artifacts(summary["mlflow_run_id"])}
 
 
-def test_overexpress_all_genes_with_the_null_drawn_from_the_cells_own_perturbations(ray_session, pbmc3k_v1_corpus, model,
-                                                                                   tmp_path):
-    out = tmp_path / "over"
-    summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="overexpress", all_genes=True, max_cells=2, seed=4,
-                      num_actors=1, accelerator=CPU, progress=False).summary
+def test_every_gene_deleted_on_two_actors_with_the_gene_network(ray_session, pbmc3k_v1_corpus, model, tmp_path):
+    """Cell-and-gene mode over 4 cells on 2 actors: each cell in exactly one part (none done twice), the
+    gene table holds every (perturbed, affected) pair of each cell, its aggregate and heatmap, the mixture model."""
+    out = tmp_path / "network"
+    summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="delete", all_genes=True, emb_mode="cell_and_gene",
+                      max_cells=4, seed=4, num_actors=2, cells_per_batch=1, accelerator=CPU, progress=False).summary
+    cells = _cells(pbmc3k_v1_corpus, select_cells(pbmc3k_v1_corpus, max_cells=4, seed=4))
+    parts = sorted((out / "shifts").glob("part-*.parquet"))
+    owners = [set(pq.read_table(p, columns=["cell_id"]).column(0).to_pylist()) for p in parts]
+    assert len(parts) == 4 and sorted(c for o in owners for c in o) == sorted(cells) and all(len(o) == 1 for o in owners)
     shifts = read_shifts(out / "shifts")
-    cells = _cells(pbmc3k_v1_corpus, select_cells(pbmc3k_v1_corpus, max_cells=2, seed=4))
-    genes = shifts[(shifts["gene_token"] != ORIGINAL) & ~shifts["is_null"]]
-    assert summary["perturbations"] == len(genes) == sum(len(ids) for ids in cells.values())  # every gene of each cell
+    genes = shifts[shifts["role"] == "gene"]
+    assert summary["perturbations"] == len(genes) == sum(len(ids) for ids in cells.values())
+    network = pq.ParquetFile(next((out / "gene_shifts").glob("part-*.parquet")))
+    assert network.metadata.num_row_groups >= 2  # written a sub-batch at a time
+    total = sum(pq.read_metadata(p).num_rows for p in (out / "gene_shifts").glob("part-*.parquet"))
+    assert total == sum(len(ids) * (len(ids) - 1) for ids in cells.values())
+    pairs = pd.read_parquet(out / "gene_pair_shifts.parquet")
+    assert pairs["cells"].sum() == total and pairs["mean_shift"].between(-1, 2).all()
+    one = pairs.iloc[0]
+    raw = pq.read_table(out / "gene_shifts", filters=[("perturbed", "=", int(one["perturbed"])),
+                                                     ("affected", "=", int(one["affected"]))]).to_pandas()
+    assert len(raw) == one["cells"] and one["mean_cosine"] == pytest.approx(raw["cosine"].astype(float).mean(), abs=1e-9)
+    assert (out / "gene_pair_heatmap.png").stat().st_size > 10_000
+    mixture = pd.read_csv(out / "impact_mixture.csv")
+    assert {"impactful", "impact_percent", "mean_shift"} <= set(mixture.columns) and len(mixture) > 100
+    assert set(summary["tables"]) == {"gene_stats.csv", "impact_mixture.csv", "gene_pair_shifts.parquet"}
+
+
+def test_anchor_pairs_inhibition_filters_and_positions(ray_session, pbmc3k_v1_corpus, model, tmp_path):
+    """Inhibit CD74 with each listed gene in the first cells (by position) of two cell types: the anchor alone,
+    each gene alone and the pair per cell, equal to the oracle; the combination statistics; refusals."""
+    out = tmp_path / "anchor"
+    listed = ["HLA-DRA", "HLA-DRB1", LYZ, "CD79A", "MS4A1", "S100A9", "TYROBP", "FTL", "FTH1", "B2M", "TMSB4X", "CST3"]
+    perturb(model, pbmc3k_v1_corpus, out, perturbation="inhibit", quartiles=2, genes=listed, anchor="CD74",
+            filters=["cell_type=B,CD14+ Mono"], cell_range="0:6", num_actors=1, accelerator=CPU, progress=False)
+    everyone = read_columns(pbmc3k_v1_corpus, ["cell_id", "cell_type"]).to_pandas()
+    chosen = everyone[everyone["cell_type"].isin(["B", "CD14+ Mono"])]["cell_id"].tolist()[:6]
+    shifts = read_shifts(out / "shifts")
+    assert sorted(set(shifts["cell_id"])) == sorted(chosen)
+    cells = _cells(pbmc3k_v1_corpus, chosen)
     encoder = CellEncoder(model, layer=-1)
-    for _, row in genes.sample(4, random_state=0).iterrows():
-        ids = cells[row["cell_id"]]
-        moved = perturbed_encoding(ids, row["gene_token"], "overexpress", cls_id=None, eos_id=None, max_genes=2048)
-        assert moved[0] == row["gene_token"] and len(moved) == len(ids)
-        expected = 1 - cosine(encoder.cell_embeddings([ids])[0], encoder.cell_embeddings([moved])[0])
-        assert row["shift"] == pytest.approx(expected, abs=2e-6)
-    null = shifts[shifts["is_null"]].merge(genes, on=["cell_id", "gene_token"], suffixes=("_null", ""))
-    assert len(null) == 10 and np.allclose(null["shift_null"], null["shift"])  # reused, not recomputed
-    assert summary["genes_tested"] == 0  # each gene is in at most 2 cells: too few for a test
+    anchor = encoder.vocab.token_ids[CD74]
+    combo = shifts[shifts["role"] == "combo"].iloc[0]
+    ids = cells[combo["cell_id"]]
+    rank = {t: i for i, t in enumerate(ids.tolist())}
+    assert tuple(combo["perturbed"]) == tuple(sorted((anchor, combo["gene_token"]), key=rank.get))
+    new_ids, source = perturb_encoding(ids, tuple(combo["perturbed"]), "inhibit", cls_id=None, eos_id=None, max_genes=2048,
+                                       quartiles=2)
+    assert combo["shift"] == pytest.approx(1 - _gene_cosine(encoder, ids, new_ids, source, combo["perturbed"]), abs=2e-6)
+    for cell_id, ids in cells.items():
+        rows = shifts[shifts["cell_id"] == cell_id]
+        if anchor in ids:
+            assert (rows["role"] == "anchor").sum() == 1
+            assert set(rows.loc[rows["role"] == "combo", "gene_token"]) == set(rows.loc[rows["role"] == "gene", "gene_token"])
+        else:
+            assert set(rows["role"]) == {"original"}
+    combos = pd.read_csv(out / "impact_mixture.csv")
+    assert {"anchor_shift", "gene_shift", "sum_of_shifts", "combo_shift", "combo_minus_sum"} <= set(combos.columns)
+    with pytest.raises(ValueError, match=r"--anchor INS \(ENSG00000254647\) is in none of the 6 selected cells"):
+        perturb(model, pbmc3k_v1_corpus, tmp_path / "none", perturbation="delete", genes=listed, anchor="INS",
+                filters=["cell_type=B,CD14+ Mono"], cell_range="0:6", accelerator=CPU)
+    with pytest.raises(ValueError, match=r"no cell of .* is selected by cell_type=\['B'\], --cell-range \[400, 500\]"):
+        perturb(model, pbmc3k_v1_corpus, tmp_path / "none", perturbation="delete", all_genes=True,
+                filters=["cell_type=B"], cell_range="400:500", accelerator=CPU)
+    assert not (tmp_path / "none").exists()
 
 
 def test_a_killed_run_resumes_without_redoing_finished_cells(ray_session, pbmc3k_v1_corpus, model, tmp_path):

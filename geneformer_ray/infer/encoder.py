@@ -57,8 +57,11 @@ class CellEncoder:
                                               max_width=self.max_width)
         ids = torch.from_numpy(input_ids).to(self.device)
         mask = torch.from_numpy(attention_mask).to(self.device)
+        # no padding in the batch (length-sorted copies often have none): no mask, so attention takes the
+        # fused kernel instead of materialising a mask per head
+        full = bool(attention_mask.all())
         with torch.inference_mode(), autocast(self.plan, self.device):  # per call: actors run batches in threads
-            hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state
+            hidden = self.model(input_ids=ids, attention_mask=None if full else mask).last_hidden_state
         genes = mask.bool() & ~torch.isin(ids, self.special_ids)  # (batch, width)
         return hidden.float(), genes, ids
 

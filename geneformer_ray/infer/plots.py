@@ -10,7 +10,7 @@ import numpy as np
 import pandas as pd
 from scipy.cluster.hierarchy import leaves_list, linkage
 
-from geneformer_ray.infer.perturb_stats import MIN_CELLS
+from geneformer_ray.infer.perturb_plan import MIN_CELLS
 from geneformer_ray.plots import pyplot, save_figure
 
 MAX_HEATMAP_CELLS = 2_000  # rows of the heatmap image; larger groups are subsampled (seeded), proportionally
@@ -112,12 +112,38 @@ def plot_significance(stats, path: str | Path, *, metric: str, title: str, fdr: 
         ax.axvline(float(tested[f"null_mean_{metric}"].iloc[0]), color="black", linewidth=0.6, linestyle="--",
                    label="null mean")
     ax.axhline(-np.log10(fdr), color="tab:red", linewidth=0.6, linestyle=":")
-    ax.set_xlabel({"shift": "mean shift (1 - cosine to the unperturbed cell)",
-                   "goal_shift": "mean shift towards the goal state (cosine gain)"}.get(metric, metric))
-    ax.set_ylabel("-log10 FDR (Mann-Whitney U vs null, BH)")
+    ax.set_xlabel({"shift": "mean shift (1 - mean cosine of the remaining genes, Geneformer)",
+                   "cell_shift": "mean shift (1 - cosine of mean-pooled cell embeddings)",
+                   "shift_to_goal": "mean shift towards the goal state (cosine gain)"}.get(metric, metric))
+    ax.set_ylabel("-log10 FDR (rank test vs random, BH)")
     ax.set_title(f"{title}\n{len(tested):,} genes tested, {len(stats) - len(tested):,} in fewer than {MIN_CELLS} cells",
                  fontsize=9)
     ax.legend(fontsize=7, frameon=False)
     ax.grid(alpha=0.3)
+    fig.tight_layout()
+    return save_figure(fig, Path(path))
+
+
+def plot_gene_pairs(pairs, path: str | Path, *, title: str, top: int = 30, min_cells: int = MIN_CELLS) -> Path:
+    """The gene-network picture of a cell-and-gene run: mean shift of each affected gene's own embedding
+    (columns) when a gene is perturbed (rows), for the perturbed and affected genes with the largest
+    shifts among pairs seen in at least ``min_cells`` cells."""
+    plt = pyplot()
+    seen = pairs[(pairs["cells"] >= min_cells) & (pairs["role"] != "combo")]
+    if seen.empty:
+        seen = pairs[pairs["role"] != "combo"]
+    rows = seen.groupby("perturbed")["mean_shift"].max().nlargest(top).index
+    cols = seen[seen["perturbed"].isin(rows)].groupby("affected")["mean_shift"].max().nlargest(top).index
+    grid = seen.pivot_table(index="perturbed", columns="affected", values="mean_shift", aggfunc="mean").reindex(
+        index=rows, columns=cols)
+    label = dict(zip(pairs["perturbed"], pairs["perturbed_symbol"])) | dict(zip(pairs["affected"], pairs["affected_symbol"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.28 * len(cols) + 3), max(4.5, 0.28 * len(rows) + 2)), dpi=120)
+    image = ax.imshow(grid.to_numpy(float), aspect="auto", cmap="magma_r", interpolation="nearest")
+    ax.set_xticks(range(len(cols)), [label.get(c) or str(c) for c in cols], rotation=90, fontsize=6)
+    ax.set_yticks(range(len(rows)), [label.get(r) or str(r) for r in rows], fontsize=6)
+    ax.set_xlabel("affected gene")
+    ax.set_ylabel("perturbed gene")
+    fig.colorbar(image, ax=ax, label="mean shift of the affected gene (1 - cosine)")
+    ax.set_title(f"{title}\n{len(pairs):,} gene pairs; blank: not seen together in {min_cells}+ cells", fontsize=9)
     fig.tight_layout()
     return save_figure(fig, Path(path))
