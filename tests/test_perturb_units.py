@@ -294,3 +294,20 @@ def test_sort_lengths_equal_the_encodings(v2_model, tmp_path):
         for tokens in [(12,), (12, 99), (98, 99), (10, 11, 12, 13, 14), (99, 98, 97)]:
             new, _ = perturb_encoding(ids, tokens, kind, cls_id=2, eos_id=3, max_genes=6)
             assert actor._encoded_length(ids, set(ids.tolist()), tokens) == len(new), (kind, tokens)
+
+
+def test_every_gene_deletion_is_built_by_index_arithmetic_as_copy_by_copy(v2_model, tmp_path):
+    """The single-deletion fast path gives the same ids, mask, source positions and comparison as the
+    general per-copy encoding, on V2 cells of different lengths in one sub-batch."""
+    rng = np.random.default_rng(5)
+    cells = [np.concatenate([[2], rng.choice(np.arange(10, 20000), n, replace=False), [3]]) for n in (9, 4, 7)]
+    params = PerturbParams(model=str(v2_model), corpus="", perturbation="delete")
+    actor = Perturber(str(v2_model), None, asdict(params), str(tmp_path), 4)
+    copies = [(owner, (int(t),)) for owner, c in enumerate(cells) for t in c[1:-1]]
+    at = actor._single_deletions(cells, copies)
+    assert at is not None and at.tolist() == [i for c in cells for i in range(1, len(c) - 1)]
+    chunk = np.array([0, 5, 9, 12, 15, 3])
+    for fast, slow in zip(actor._deletion_batch(cells, copies, chunk, at), actor._encoded_batch(cells, copies, chunk)):
+        np.testing.assert_array_equal(fast, slow)
+    assert actor._single_deletions(cells, copies + [(0, (int(cells[0][1]), int(cells[0][2])))]) is None  # a pair
+    assert actor._single_deletions(cells, [(1, (99999,))]) is None  # a gene the cell lacks

@@ -55,8 +55,11 @@ class CellEncoder:
         """Token states (batch, width, hidden) as float32, the gene-token mask (batch, width) and the ids."""
         input_ids, attention_mask = pad_cells(cells, pad_id=self.vocab.pad_id, multiple=self.pad_multiple,
                                               max_width=self.max_width)
-        ids = torch.from_numpy(input_ids).to(self.device)
-        mask = torch.from_numpy(attention_mask).to(self.device)
+        return self.padded_states(input_ids, attention_mask)
+
+    def padded_states(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """``states`` of a batch already padded: (batch, width) ids and mask."""
+        ids, mask = self.to_device(input_ids), self.to_device(attention_mask)
         # no padding in the batch (length-sorted copies often have none): no mask, so attention takes the
         # fused kernel instead of materialising a mask per head
         full = bool(attention_mask.all())
@@ -64,6 +67,15 @@ class CellEncoder:
             hidden = self.model(input_ids=ids, attention_mask=None if full else mask).last_hidden_state
         genes = mask.bool() & ~torch.isin(ids, self.special_ids)  # (batch, width)
         return hidden.float(), genes, ids
+
+    def to_device(self, array: np.ndarray):
+        """A host array on the model's device. On an accelerator through pinned memory without waiting: a
+        copy from pageable memory would wait for the kernels queued before it, so the host could not
+        prepare the next batch while the device computes this one."""
+        tensor = torch.from_numpy(np.ascontiguousarray(array))
+        if self.device.type == "cpu":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def cell_embeddings(self, cells: list[np.ndarray], mode: str = "mean") -> np.ndarray:
         """(batch, hidden) float32: the mean of gene-token states, or the <cls> state."""

@@ -28,6 +28,7 @@ import torch
 
 from geneformer_ray.files import atomic_file
 from geneformer_ray.infer.encoder import CellEncoder, length_sorted_chunks, mean_pool
+from geneformer_ray.train.collate import pad_cells
 from geneformer_ray.infer.perturb_plan import (
     CLS_MODES,
     GENE_TABLE_MODES,
@@ -127,30 +128,28 @@ class Perturber:
         result = {"cosine": np.ones(n), "cell_shift": np.zeros(n), **{f"shift_to_{s}": np.zeros(n) for s in self.states}}
         present = [set(c.tolist()) for c in cells]
         lengths = [self._encoded_length(cells[owner], present[owner], tokens) for owner, tokens in copies]
+        deleted_at = self._single_deletions(cells, copies)
         sink = GeneShiftWriter(self.out / "gene_shifts" / f"part-{name}.parquet") if self.gene_table else None
+        pending = []
         try:
             for chunk in length_sorted_chunks(lengths, self.batch_size):
                 # encoded a sub-batch at a time: a block's copies (cells x genes of them) are never all in memory
-                encoded = {i: perturb_encoding(cells[copies[i][0]], copies[i][1], self.params["perturbation"], cls_id=self.cls_id,
-                                               eos_id=self.eos_id, max_genes=self.max_genes,
-                                               quartiles=self.params.get("quartiles", 1)) for i in chunk}
-                owners = torch.tensor([copies[i][0] for i in chunk], device=self.encoder.device)
-                hidden, genes, ids = self.encoder.states([encoded[i][0] for i in chunk])
-                width = hidden.shape[1]
-                source = np.full((len(chunk), width), -1, np.int64)
-                compare = np.zeros((len(chunk), width), bool)
-                for row, i in enumerate(chunk):
-                    new_ids, src = encoded[i]
-                    source[row, : src.size] = src
-                    compare[row, : src.size] = comparison_mask(new_ids, src, copies[i][1], self.special)
+                if deleted_at is not None:
+                    input_ids, mask, source, compare = self._deletion_batch(cells, copies, chunk, deleted_at)
+                else:
+                    input_ids, mask, source, compare = self._encoded_batch(cells, copies, chunk)
+                owners = self.encoder.to_device(np.array([copies[i][0] for i in chunk], np.int64))
+                hidden, genes, ids = self.encoder.padded_states(input_ids, mask)
                 with torch.inference_mode():
-                    values = self._compare(hidden, genes, owners, torch.from_numpy(source).to(hidden.device),
-                                           torch.from_numpy(compare).to(hidden.device), before)
-                for key, value in values.items():
-                    if key != "gene_cos":
-                        result[key][chunk] = value.double().cpu().numpy()
+                    values = self._compare(hidden, genes, owners, self.encoder.to_device(source),
+                                           self.encoder.to_device(compare), before)
+                gene_cos = values.pop("gene_cos")
+                pending.append((chunk, values))  # read back at the end: a read now would stall the device's queue
                 if sink is not None:
-                    self._write_gene_rows(sink, chunk, copies, cell_ids, ids, compare, values["gene_cos"])
+                    self._write_gene_rows(sink, chunk, copies, cell_ids, ids, compare, gene_cos)
+            for chunk, values in pending:
+                for key, value in values.items():
+                    result[key][chunk] = value.double().cpu().numpy()
         except BaseException:
             if sink is not None:
                 sink.discard()
@@ -158,6 +157,47 @@ class Perturber:
         if sink is not None:
             sink.commit()
         return result
+
+    def _encoded_batch(self, cells, copies, chunk):
+        """(batch, width) ids and mask of a sub-batch of copies, where each position came from (-1:
+        inserted or padding) and which positions are compared: any perturbation, one copy at a time."""
+        encoded = [perturb_encoding(cells[copies[i][0]], copies[i][1], self.params["perturbation"], cls_id=self.cls_id,
+                                    eos_id=self.eos_id, max_genes=self.max_genes, quartiles=self.params.get("quartiles", 1))
+                   for i in chunk]
+        input_ids, mask = pad_cells([e[0] for e in encoded], pad_id=self.encoder.vocab.pad_id,
+                                    multiple=self.encoder.pad_multiple, max_width=self.encoder.max_width)
+        source = np.full(input_ids.shape, -1, np.int64)
+        compare = np.zeros(input_ids.shape, bool)
+        for row, ((new_ids, src), i) in enumerate(zip(encoded, chunk)):
+            source[row, : src.size] = src
+            compare[row, : src.size] = comparison_mask(new_ids, src, copies[i][1], self.special)
+        return input_ids, mask, source, compare
+
+    def _single_deletions(self, cells, copies) -> np.ndarray | None:
+        """Where each copy deletes its one gene, when every copy of the block deletes one gene the cell has
+        (Geneformer's every-gene deletion): such sub-batches are built by index arithmetic, not per copy."""
+        if self.params["perturbation"] != "delete" or any(len(tokens) != 1 for _, tokens in copies):
+            return None
+        where = [{t: i for i, t in enumerate(c.tolist())} for c in cells]
+        positions = [where[owner].get(tokens[0], -1) for owner, tokens in copies]
+        return None if -1 in positions else np.array(positions, np.int64)
+
+    def _deletion_batch(self, cells, copies, chunk, deleted_at):
+        """``_encoded_batch`` for single-gene deletions: position j of a copy is position j (or j + 1 past the
+        deleted one) of its cell."""
+        owners = np.array([copies[i][0] for i in chunk])
+        length = np.array([len(c) for c in cells])[owners] - 1  # (batch,)
+        at = deleted_at[chunk]
+        width = -(-int(length.max()) // self.encoder.pad_multiple) * self.encoder.pad_multiple
+        width = max(min(width, self.encoder.max_width), int(length.max()))
+        j = np.arange(width)[None, :]
+        real = j < length[:, None]
+        source = np.where(real, j + (j >= at[:, None]), -1)  # (batch, width)
+        flat = np.concatenate(cells)
+        offsets = (np.cumsum([len(c) for c in cells]) - np.array([len(c) for c in cells]))[owners]
+        input_ids = np.where(real, flat[offsets[:, None] + np.maximum(source, 0)], self.encoder.vocab.pad_id)
+        compare = real & ~np.isin(input_ids, self.special)
+        return input_ids.astype(np.int64), real.astype(np.int64), source, compare
 
     def _encoded_length(self, ids: np.ndarray, present: set, tokens: tuple) -> int:
         """The length of ``perturb_encoding``'s result, without building it (for length-sorting)."""
