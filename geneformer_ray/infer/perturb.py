@@ -45,7 +45,13 @@ from geneformer_ray.data.corpus import read_columns
 from geneformer_ray.files import write_json
 from geneformer_ray.infer.config import PerturbConfig
 from geneformer_ray.infer.embed import Embedder
-from geneformer_ray.infer.encoder import check_column_value, check_model_and_corpus, read_cells, read_cells_dataset
+from geneformer_ray.infer.encoder import (
+    check_column_value,
+    check_model_and_corpus,
+    read_cells,
+    read_cells_dataset,
+    select_cells,
+)
 from geneformer_ray.infer.perturb_engine import Perturber
 from geneformer_ray.infer.perturb_plan import CLS_MODES, resolve_genes
 from geneformer_ray.infer.perturb_stats import finish_statistics, read_shifts
@@ -199,12 +205,9 @@ def state_embedding(model_dir, corpus, where: list[str], *, layer: int, mode: st
                     num_actors: int) -> dict:
     """A state's centre: the mean cell embedding (gene-state mean, or <cls>) of up to ``max_cells`` of its
     cells (Geneformer's ``get_state_embs``)."""
-    table = read_columns(corpus, ["cell_id", where[0]]).to_pandas()
-    ids = table.loc[table[where[0]].astype(str) == str(where[1]), "cell_id"].astype(str).to_numpy()
-    if ids.size > max_cells:
-        ids = ids[np.sort(np.random.default_rng(seed).choice(ids.size, max_cells, replace=False))]
-    embedding = mean_embedding(model_dir, corpus, ids.tolist(), layer=layer, plan=plan, num_actors=num_actors, mode=mode)
-    return {"column": where[0], "value": where[1], "cells": int(ids.size), "embedding": embedding}
+    ids = select_cells(corpus, max_cells=max_cells, where=tuple(where), seed=seed, label="--max-state-cells")
+    embedding = mean_embedding(model_dir, corpus, ids, layer=layer, plan=plan, num_actors=num_actors, mode=mode)
+    return {"column": where[0], "value": where[1], "cells": len(ids), "embedding": embedding}
 
 
 def _run(model_dir, cells, out: Path, plan, params: PerturbParams, states, *, batch_size: int, cells_per_batch: int,
