@@ -7,7 +7,8 @@
 The functions and result types are those of ``geneformer_ray.api``. The package is laid out by
 pipeline stage, each importing only the ones before it:
 
-    settings, files, plots, tracking, runtime   shared: config loading, atomic outputs, figures, MLflow, Ray + devices
+    settings, files, plots, tracking, runtime,  shared: config loading, atomic outputs, figures, MLflow, Ray + devices,
+    console                                     the quiet console (a log file, progress bars)
     data/      raw counts -> corpus folders: vocabularies, readers, rank value encoding, tokenize job, conversion
     models/    flavours, model folders (load / save / vocabulary), task heads, attention
     train/     per-worker loops and drivers of pretraining and fine-tuning, batches, labels, splits, evaluation

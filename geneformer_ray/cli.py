@@ -16,9 +16,11 @@ import argparse
 import json
 import os
 import sys
+import traceback
 from pathlib import Path
 
 import geneformer_ray as gr  # the API loads on first use: --help and usage errors answer in well under a second
+from geneformer_ray.console import QuietConsole
 from geneformer_ray.data.vocab import load_vocab
 from geneformer_ray.files import write_text_atomic
 from geneformer_ray.infer.perturb_plan import EMB_MODES as PERTURB_EMB_MODES
@@ -34,8 +36,9 @@ def _tokenize(args) -> int:
         count_column=args.count_column, filter_column=args.filter_column, gene_id_column=args.gene_id_column,
         cell_id_column=args.cell_id_column, layer=args.layer, keep_counts=args.keep_counts,
         allow_non_integer=args.allow_non_integer, sum_duplicates=not args.no_sum_duplicates,
-        min_mapped_fraction=args.min_mapped_fraction, val_fraction=args.val_fraction, cells_per_shard=args.cells_per_shard,
-        executor="local" if args.local else "ray", overwrite=args.overwrite, progress=not args.quiet)
+        min_mapped_fraction=args.min_mapped_fraction, val_fraction=args.val_fraction, max_genes=args.max_genes,
+        cells_per_shard=args.cells_per_shard, executor="local" if args.local else args.executor, overwrite=args.overwrite,
+        progress=not args.quiet)
     print(corpus.describe())
     print(f"corpus: {corpus.path}")
     return 0
@@ -126,9 +129,28 @@ def _tracking_options(args) -> dict:
 
 
 def _quickstart(args) -> int:
-    """The main job on the bundled demo data: tokenize PBMC3k, pretrain `tiny` on 2 CPU workers."""
-    gr.quickstart(args.out, steps=args.steps, overrides=args.set, overwrite=args.overwrite, progress=not args.quiet,
-                  echo=print)
+    """The main job on the bundled demo data, on one calm console: a bar per stage, one summary block at the
+    end; Ray's and the libraries' output in ``<out>/quickstart.log`` (``--verbose`` shows it instead)."""
+    out = Path(args.out).absolute()
+    with QuietConsole(out / "quickstart.log", verbose=args.verbose) as console:
+        if not args.verbose:
+            console.say(f"log (Ray, workers, libraries): {console.log_path}")
+        import ray
+
+        ours = not ray.is_initialized()  # a notebook's or a test's Ray instance stays up
+        try:
+            gr.quickstart(out, steps=args.steps, finetune_epochs=args.finetune_epochs, overrides=args.set,
+                          overwrite=args.overwrite, progress=not args.quiet, echo=console.say)
+            if ours:
+                ray.shutdown()  # inside the console: what Ray still forwards from the workers goes to the log
+        except Exception as exc:
+            if args.verbose:
+                raise
+            traceback.print_exc()  # into the log
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            kind = "error" if isinstance(exc, ValueError) else f"failed ({type(exc).__name__})"
+            console.error(f"geneformer-ray quickstart: {kind}: {first}\n  the whole account: {console.log_path}")
+            return 2 if isinstance(exc, ValueError) else 1
     return 0
 
 
@@ -165,7 +187,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.02,
                    help="cells held out for pretraining validation, by a hash of the cell id (default 0.02)")
     p.add_argument("--cells-per-shard", type=int, default=10_000, help="cells per task and parquet shard")
-    p.add_argument("--local", action="store_true", help="run in this process instead of Ray tasks")
+    p.add_argument("--max-genes", type=int, default=None,
+                   help="keep each cell's top-ranked genes up to this many (default: the model input size)")
+    p.add_argument("--executor", choices=["auto", "ray", "local"], default="auto",
+                   help="ray: one Ray task per shard; local: this process; auto (default): local for a single shard")
+    p.add_argument("--local", action="store_true", help="same as --executor local")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=_tokenize)
@@ -272,12 +298,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show", type=int, default=15, help="rows printed")
     p.set_defaults(func=_perturb_stats)
 
-    p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU workers")
+    p = sub.add_parser("quickstart", help="the main job on the bundled PBMC3k data: tokenize, pretrain tiny on 2 CPU "
+                       "workers, fine-tune it on the cell types next to logistic regression")
     p.add_argument("--out", default="runs/quickstart")
-    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the config's, 200)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the config's, 5)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--overwrite", action="store_true", help="tokenize again even if the corpus exists")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--verbose", action="store_true", help="Ray's, the workers' and the libraries' output on the console "
+                   "too (otherwise in OUT/quickstart.log)")
     p.set_defaults(func=_quickstart)
     return parser
 

@@ -131,6 +131,22 @@ def test_genes_of_another_species(tmp_path):
         _run(tmp_path / "mouse.h5ad", tmp_path / "out", vocab="gc30M")
 
 
+def test_mouse_gene_symbols_are_not_read_as_their_human_namesakes(small, tmp_path):
+    """Cd74, Actb ... match CD74, ACTB case-insensitively: a mouse file would tokenize as human without a word."""
+    del small.var["ensembl_id"]
+    human = [n for n in small.var_names if n.isupper() and n[:1].isalpha()]
+    small.var_names = [n.capitalize() if n in human else n for n in small.var_names]  # Cd74-style, as mouse files write them
+    small.write_h5ad(tmp_path / "mouse_symbols.h5ad")
+    with pytest.raises(ValueError, match=r"of the 230 gene symbols in the var index are written like mouse genes "
+                                         r"\(e.g. \['Ms4a1', 'Cd79b', 'Cd79a'\]\).*human genes.*human orthologs") as refused:
+        _run(tmp_path / "mouse_symbols.h5ad", tmp_path / "out")
+    assert int(str(refused.value).split(": ")[1].split(" of ")[0]) > 200  # most of them (C1qa-like ones not counted)
+    _assert_nothing_written(tmp_path / "out")
+    small.var_names = [n.upper() if n.upper() in human else n for n in small.var_names]  # the human symbols: accepted
+    small.write_h5ad(tmp_path / "human_symbols.h5ad")
+    assert _run(tmp_path / "human_symbols.h5ad", tmp_path / "human")["num_cells"] == 80
+
+
 def test_existing_output_is_refused_then_replaced_safely(tmp_path):
     out = tmp_path / "out"
     out.mkdir()

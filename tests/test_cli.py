@@ -54,17 +54,33 @@ def test_console_script_in_a_fresh_process(tmp_path):
     assert json.loads(described.stdout)["num_tokens"] == 20275
 
 
-def test_quickstart_runs_the_main_job_on_bundled_data(ray_session, tmp_path, capsys):
-    """The README's run command, shortened: tokenize the bundled PBMC3k, pretrain tiny on 2 workers."""
-    rc = main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "10",
-               "--set", "data.batch_size=4", "--set", "train.log_every=5"])
+def test_quickstart_runs_the_main_job_on_bundled_data(ray_session, tmp_path, capfd):
+    """The README's run command, shortened: tokenize the bundled PBMC3k (top 256 genes), pretrain tiny on 2
+    workers from the gene frequencies, fine-tune it on the cell types next to logistic regression."""
+    rc = main(["quickstart", "--out", str(tmp_path / "qs"), "--steps", "10", "--finetune-epochs", "1",
+               "--set", "train.log_every=5"])
     assert rc == 0
-    manifest = read_manifest(tmp_path / "qs" / "corpus")
+    corpus = tmp_path / "qs" / "corpus"
+    manifest = read_manifest(corpus)
     assert manifest["num_cells"] == 2638 and "cell_type" in manifest["columns"]
-    printed = capsys.readouterr().out
-    assert "done: 10 steps, loss" in printed and "model (Hugging Face folder):" in printed
-    assert (tmp_path / "qs" / "pretrain_tiny" / "loss_curve.png").exists()
-    assert (tmp_path / "qs" / "mlflow.db").exists()
+    assert manifest["settings"]["max_genes"] == 256 and max(pq.read_table(corpus / manifest["shards"][0]["path"],
+                                                                         columns=["length"])["length"].to_pylist()) == 256
+    shown = capfd.readouterr()
+    printed = shown.out
+    # one calm console: the log's path, then the summary block; bars on stderr; the rest in the log
+    assert printed.splitlines()[0] == f"log (Ray, workers, libraries): {tmp_path / 'qs' / 'quickstart.log'}"
+    assert len(printed.splitlines()) == 9 and len(set(printed.splitlines())) == 9
+    assert all(f"{stage}: 100%" in shown.err for stage in ("tokenize", "pretrain", "fine-tune"))
+    assert "step 10/10" not in shown.out + shown.err and (tmp_path / "qs" / "quickstart.log").exists()
+    assert "pretraining: 10 steps, validation loss" in printed and "gene frequencies alone reach" in printed
+    assert "fine-tuned on cell types: test macro-F1" in printed and "logistic regression on the same split" in printed
+    floors = json.loads((tmp_path / "qs" / "pretrain_tiny" / "floors.json").read_text())
+    first = json.loads((tmp_path / "qs" / "pretrain_tiny" / "metrics.jsonl").read_text().splitlines()[0])
+    # the head starts at the gene frequencies: the first steps' loss is near the unigram floor, not at log(vocab) ~10.1
+    assert first["loss"] < floors["unigram"] + 0.5
+    assert (tmp_path / "qs" / "pretrain_tiny" / "loss_curve.png").exists() and (tmp_path / "qs" / "mlflow.db").exists()
+    assert (tmp_path / "qs" / "model" / "config.json").exists()
+    assert list((tmp_path / "qs" / "finetune_cell_type").glob("checkpoint_*/model/config.json"))
 
 
 def test_vocab_command_converts_pickled_dictionaries(tmp_path, capsys):

@@ -116,7 +116,8 @@ def _config(corpus, storage, log, *extra):
     return load_config(PretrainConfig, TINY, [
         f"data.corpus={corpus}", f"train.storage_path={storage}", f"train.cell_log={log}", "data.batch_size=4",
         "data.shuffle_buffer=64", "train.log_every=4", "train.val_every=1000", "train.val_batches=2",
-        "train.checkpoint_every=8", "optim.warmup_steps=4", "tracking.uri=none", "train.max_steps=null", *extra])
+        "train.checkpoint_every=8", "optim.warmup_steps=4", "tracking.uri=none", "train.max_steps=null",
+        "optim.lr=0.001", "optim.schedule=linear", "model.output_bias=zero", *extra])  # not the quickstart's settings
 
 
 def _audit(log: Path, epoch: int = 0) -> np.ndarray:

@@ -12,14 +12,15 @@ import geneformer_ray
 PACKAGE = Path(geneformer_ray.__file__).parent
 
 # the order of the pipeline: a module may import its own stage and the ones before it
-LAYERS = {"settings": 0, "files": 0, "plots": 0, "tracking": 0, "runtime": 0,
+LAYERS = {"settings": 0, "files": 0, "plots": 0, "tracking": 0, "runtime": 0, "console": 0,
           "data": 1, "models": 2, "train": 3, "infer": 4, "hpo": 4, "api": 5, "__init__": 5, "cli": 6}
-SHARED = {"settings", "files", "plots", "tracking", "runtime"}  # top-level helpers every stage uses
+SHARED = {"settings", "files", "plots", "tracking", "runtime", "console"}  # top-level helpers every stage uses
 # third-party imports a function may make, and why: each costs seconds where most runs never need it
 LAZY = {"torch": "runtime: tokenize tasks and the CLI's checks plan devices without torch",
         "ray.train": "runtime: as torch", "ray.train.torch": "runtime: as torch", "ray.data": "runtime: as torch",
         "mlflow": "2.6 s; runs with tracking off never need it", "umap": "first import compiles numba code (~20 s)",
-        "matplotlib": "only runs that draw need it", "sklearn.mixture": "2-6 s; only the perturbation mixture model needs it", "torch_npu": "the NPU seam: absent on CPU and CUDA hosts"}
+        "matplotlib": "only runs that draw need it", "sklearn.mixture": "2-6 s; only the perturbation mixture model needs it", "torch_npu": "the NPU seam: absent on CPU and CUDA hosts",
+        "ray": "cli: --help and usage errors answer without it"}
 
 
 def _modules() -> dict[str, ast.Module]:

@@ -30,6 +30,7 @@ import ray.data
 from tqdm import tqdm
 
 from geneformer_ray import __version__
+from geneformer_ray.console import terminal
 from geneformer_ray.data.encode import HISTOGRAM_BIN, length_histogram
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
 from geneformer_ray.files import write_json
@@ -187,7 +188,7 @@ def upgrade_corpus(corpus: str | Path, *, val_fraction: float = DEFAULT_VAL_FRAC
         raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
     stamp = time.strftime("%Y%m%d%H%M%S")
     shards, old = [], []
-    for i, shard in enumerate(tqdm(manifest["shards"], desc="upgrade", unit="shard", disable=not progress)):
+    for i, shard in enumerate(tqdm(manifest["shards"], desc="upgrade", unit="shard", disable=not progress, file=terminal())):
         table = pq.read_table(corpus / shard["path"])
         new = corpus / f"part-{i:05d}-v2-{stamp}.parquet"
         pq.write_table(with_split(table, val_fraction), new, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_CELLS)

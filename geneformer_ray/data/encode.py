@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import asdict, dataclass
+import re
 
 import numba
 import numpy as np
@@ -46,6 +47,7 @@ class TokenizeOptions(Settings):
     sum_duplicates: bool = True  # sum genes sharing an Ensembl ID (False: Geneformer V1, token repeated)
     min_mapped_fraction: float = 0.5  # refuse files whose gene IDs mostly do not map to Ensembl IDs
     val_fraction: float = 0.02  # pretraining validation cells, by a hash of cell_id, recorded in each shard
+    max_genes: int | None = None  # keep each cell's top-ranked genes up to this (default: the model input size)
 
     @model_validator(mode="after")
     def _check(self):
@@ -53,6 +55,8 @@ class TokenizeOptions(Settings):
             raise ValueError(f"min_mapped_fraction={self.min_mapped_fraction} must be between 0 and 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if self.max_genes is not None and self.max_genes < 1:
+            raise ValueError(f"max_genes={self.max_genes} must be at least 1 (or None for the model input size)")
         clash = set(RESERVED_COLUMNS).intersection((self.obs_columns or {}).values())
         if clash:
             raise ValueError(f"obs columns cannot be renamed to {sorted(clash)}: those output columns are reserved; rename them")
@@ -89,7 +93,7 @@ class GenePlan:
 
 
 def plan_genes(var_ids, vocab: Vocabulary, *, sum_duplicates: bool = True, min_mapped_fraction: float = 0.0,
-               source: str = "input", id_column: str = "var index") -> GenePlan:
+               source: str = "input", id_column: str = "var index", max_genes: int | None = None) -> GenePlan:
     """Map the matrix columns' gene identifiers (Ensembl IDs, old IDs or symbols) into the vocabulary."""
     var_ids = list(var_ids)
     n = len(var_ids)
@@ -106,6 +110,7 @@ def plan_genes(var_ids, vocab: Vocabulary, *, sum_duplicates: bool = True, min_m
         slot_of[gene] = len(slot_genes)
         col_to_slot[col] = len(slot_genes)
         slot_genes.append(gene)
+    _refuse_mouse_symbols(var_ids, source=source, id_column=id_column)
     mapped = sum(g is not None for g in ensembl)
     in_vocab = int((col_to_slot >= 0).sum())
     dup_ids = Counter(g for g, s in zip(ensembl, col_to_slot) if s >= 0)
@@ -138,12 +143,28 @@ def plan_genes(var_ids, vocab: Vocabulary, *, sum_duplicates: bool = True, min_m
         col_to_slot=col_to_slot,
         slot_token=np.array([vocab.token_ids[g] for g in slot_genes], np.int32),
         slot_inv_median=np.array([1.0 / vocab.gene_medians[g] for g in slot_genes], np.float64),
-        max_genes=vocab.max_genes_per_cell,
+        max_genes=min(vocab.max_genes_per_cell, max_genes or vocab.max_genes_per_cell),
         cls_id=vocab.cls_id if vocab.adds_cls_eos else -1,
         eos_id=vocab.eos_id if vocab.adds_cls_eos else -1,
         model_input_size=vocab.model_input_size,
         stats=stats,
     )
+
+
+_MOUSE_STYLE = re.compile(r"^[A-Z][a-z][A-Za-z0-9.-]*$")  # Cd74, Actb, Gm12345; human symbols are upper case
+
+
+def _refuse_mouse_symbols(var_ids: list, *, source: str, id_column: str) -> None:
+    """Mouse symbols (Cd74, Actb) would map case-insensitively onto their human namesakes (CD74, ACTB)
+    and be tokenized as human genes without a word; refuse when most symbols are written the mouse way."""
+    symbols = [x for x in var_ids if isinstance(x, str) and x and not x.upper().startswith("ENS")]
+    mouse = [x for x in symbols if _MOUSE_STYLE.match(x)]
+    if symbols and len(mouse) > len(symbols) / 2:
+        raise ValueError(
+            f"{source}: {len(mouse):,} of the {len(symbols):,} gene symbols in the {id_column} are written like mouse "
+            f"genes (e.g. {mouse[:3]}); Geneformer vocabularies are human genes, and these would be read as their human "
+            "namesakes: map them to human orthologs first (e.g. Ensembl BioMart or g:Profiler's orth) and pass the "
+            "column of human Ensembl IDs as gene_id_column=... (--gene-id-column)")
 
 
 # -- the hot path ---------------------------------------------------------------------------------
@@ -380,6 +401,7 @@ def tokenize_anndata(adata, *, vocab: str | Vocabulary = "gc30M", options: Token
     id_column = options.gene_id_column or ("ensembl_id" if "ensembl_id" in var.columns else None)
     ids = var.index if id_column is None else var[id_column].astype(object)
     plan = plan_genes(ids, vocab, sum_duplicates=options.sum_duplicates, min_mapped_fraction=options.min_mapped_fraction,
+                      max_genes=options.max_genes,
                       source="adata", id_column=f"var[{id_column!r}]" if id_column else "var index")
     matrix = adata.raw.X if options.layer == "raw" else adata.X if options.layer in (None, "X") else adata.layers[options.layer]
     counts = sp.csr_matrix(matrix)

@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 import ray
 from tqdm import tqdm
 
+from geneformer_ray.console import terminal
 from geneformer_ray.data.corpus import PARQUET_COMPRESSION, ROW_GROUP_CELLS, with_split, write_manifest
 from geneformer_ray.data.encode import (
     GenePlan,
@@ -73,7 +74,8 @@ def plan_file(path: Path, vocab: Vocabulary, options: TokenizeOptions) -> dict:
         var_ids = f.read_var(id_column)
         where = f"var[{id_column!r}]" if id_column else "var index"
         plan = plan_genes(var_ids, vocab, sum_duplicates=options.sum_duplicates,
-                          min_mapped_fraction=options.min_mapped_fraction, source=str(path), id_column=where)
+                          min_mapped_fraction=options.min_mapped_fraction, source=str(path), id_column=where,
+                          max_genes=options.max_genes)
         warnings = []
         if getattr(f, "encoding", None) == "csc_matrix":
             warnings.append("count matrix is CSC: every chunk reads the whole matrix; save it as CSR for speed")
@@ -106,22 +108,24 @@ def tokenize_range(path: Path, start: int, stop: int, gene_plan: GenePlan, var_i
                                 plan=gene_plan, keep_counts=options.keep_counts)
     table = with_split(table, options.val_fraction)
     pq.write_table(table, shard_path, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_CELLS)
-    stats["cells_at_input_size"] = int((table["length"].to_numpy() >= gene_plan.model_input_size).sum())
+    cut_at = gene_plan.max_genes + (2 if gene_plan.cls_id >= 0 else 0)  # the input size, or options.max_genes
+    stats["cells_at_input_size"] = int((table["length"].to_numpy() >= cut_at).sum())
     return stats
 
 
 def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", options: TokenizeOptions | None = None,
-             cells_per_shard: int = 10_000, executor: str = "ray", overwrite: bool = False, progress: bool = True) -> dict:
+             cells_per_shard: int = 10_000, executor: str = "auto", overwrite: bool = False, progress: bool = True) -> dict:
     """Tokenize count files (and in-memory AnnData objects) into a corpus folder; returns its manifest
     (``summary`` inside).
 
     ``inputs``: .h5ad/.loom files, folders, glob patterns, or ``anndata.AnnData`` objects; an AnnData is
     kept in the corpus as ``sources/anndata-N.h5ad`` (the counts the baseline and ``embed --h5ad`` read).
     ``executor='ray'`` runs one Ray task per shard (connecting to, or starting, a Ray instance);
-    ``'local'`` runs them one after another in this process.
+    ``'local'`` runs them one after another in this process; ``'auto'`` runs a single shard locally (a
+    few thousand cells take about a second, less than starting Ray and a worker) and more on Ray.
     """
-    if executor not in ("ray", "local"):
-        raise ValueError(f"executor={executor!r}: use 'ray' or 'local'")
+    if executor not in ("auto", "ray", "local"):
+        raise ValueError(f"executor={executor!r}: use 'auto', 'ray' or 'local'")
     if cells_per_shard < 1:
         raise ValueError(f"cells_per_shard={cells_per_shard} must be at least 1")
     options = options or TokenizeOptions()
@@ -146,6 +150,8 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
                  filter_from_obs=plan["filter_from_obs"])
             for i, plan in enumerate(plans) for s in range(0, plan["n_cells"], cells_per_shard)
         ]
+        if executor == "auto":
+            executor = "local" if len(jobs) <= 1 else "ray"
         results, hashes = _run(jobs, files, executor, progress)
         sources = _sources(plans, jobs, results, hashes, recorded=lambda path: final / path.relative_to(tmp)
                            if path.is_relative_to(tmp) else path)
@@ -169,7 +175,8 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
 
 def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> tuple[list[dict], list[str]]:
     """Run the shard jobs (and hash the inputs alongside); returns (per-job stats, per-file sha256)."""
-    bar = tqdm(total=sum(j["stop"] - j["start"] for j in jobs), unit="cells", desc="tokenize", disable=not progress)
+    bar = tqdm(total=sum(j["stop"] - j["start"] for j in jobs), unit="cells", desc="tokenize", disable=not progress,
+               file=terminal())
     if executor == "local":
         results = []
         for job in jobs:
@@ -263,7 +270,9 @@ def format_summary(manifest: dict) -> str:
         f"tokenized {s['cells_out']:,} of {s['cells_in']:,} cells from {s['files']} file(s) into {len(manifest['shards'])} shard(s) "
         f"with {manifest['vocab']['name']} (input size {manifest['model_input_size']:,}) in {s['seconds']:.1f} s",
         f"  dropped: {s['cells_filtered']:,} by filter column, {s['cells_no_vocab_gene']:,} with no vocabulary gene; "
-        f"{s['cells_at_input_size']:,} truncated at the input size",
+        f"{s['cells_at_input_size']:,} truncated at "
+        + (f"their top {max_genes:,} genes (max_genes)" if (max_genes := manifest.get("settings", {}).get("max_genes"))
+           else "the input size"),
     ]
     for src in manifest["sources"]:
         g = src["genes"]

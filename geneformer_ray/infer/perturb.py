@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 import ray.data
 from tqdm import tqdm
 
+from geneformer_ray.console import terminal
 from geneformer_ray.data.corpus import read_columns
 from geneformer_ray.files import write_json
 from geneformer_ray.infer.config import PerturbConfig
@@ -224,7 +225,7 @@ def _run(model_dir, cells, out: Path, plan, params: PerturbParams, states, *, ba
                                               "states": {k: v["embedding"] for k, v in (states or {}).items()}},
             batch_size=cells_per_batch, batch_format="numpy", compute=actor_pool(num_actors, one_block_at_a_time=True),
             **actor_resources(plan))
-        with tqdm(total=cells.num_rows, desc="perturbed cells", unit="cell", disable=not progress) as bar:
+        with tqdm(total=cells.num_rows, desc="perturbed cells", unit="cell", disable=not progress, file=terminal()) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(int(np.sum(batch["cells"])))
     finally:

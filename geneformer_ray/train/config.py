@@ -65,10 +65,18 @@ class ModelConfig(Settings):
     flavour: str = "tiny"  # see geneformer_ray.models.flavours.FLAVOURS
     init_from: AbsolutePath | None = None  # checkpoint folder to start from (ours or a published Geneformer one)
     sparse_attention_dropout: bool = True  # CPU training: same dropout law, ~5x cheaper (geneformer_ray.models.attention)
+    # the prediction head's bias at the start: zero (BERT's) or gene_frequency, the log-frequency of each gene in
+    # the corpus's training cells, so that the loss starts at the unigram floor and steps go to context from there
+    output_bias: str = "zero"
 
     @model_validator(mode="after")
     def _check(self):
         _check_model(self.flavour, self.init_from)
+        if self.output_bias not in ("zero", "gene_frequency"):
+            raise ValueError(f"model.output_bias={self.output_bias!r}: use zero or gene_frequency")
+        if self.output_bias != "zero" and self.init_from:
+            raise ValueError("model.output_bias=gene_frequency sets up a new model's prediction head; a run from "
+                             "model.init_from keeps the head it loads: set model.output_bias=zero")
         return self
 
 
@@ -162,7 +170,7 @@ class FinetuneDataConfig(Settings):
 class TaskConfig(Settings):
     kind: str = "cell"  # cell | gene | multitask
     label_column: str | None = None  # cell: the class column
-    label_columns: list[str] = Field(default_factory=list)  # multitask: one head per column
+    label_columns: list[str] = Field(default_factory=list)  # multitask: one head per column (one: a mean-pooled cell classifier)
     loss_weights: dict[str, float] = Field(default_factory=dict)  # multitask: per column (default 1)
     derived_columns: dict[str, dict[str, str]] = Field(default_factory=dict)  # {new: {source: COL, VALUE: LABEL, ...}}
     min_class_size: int = 10  # classes with fewer cells (genes) are dropped and reported
@@ -179,8 +187,9 @@ class TaskConfig(Settings):
             raise ValueError(f"task.kind={self.kind!r}: use cell, gene or multitask")
         if self.kind == "cell" and not self.label_column:
             raise ValueError("task.kind=cell needs task.label_column (the obs column carried into the corpus)")
-        if self.kind == "multitask" and len(self.label_columns) < 2:
-            raise ValueError("task.kind=multitask needs task.label_columns with at least two columns")
+        if self.kind == "multitask" and not self.label_columns:
+            raise ValueError("task.kind=multitask needs task.label_columns (one head per column on the mean of the "
+                             "cell's token states; one column makes a mean-pooled cell classifier)")
         if self.kind == "gene" and not self.gene_classes:
             raise ValueError("task.kind=gene needs task.gene_classes (a CSV/TSV of Ensembl IDs per class)")
         if self.class_weights not in ("none", "balanced"):

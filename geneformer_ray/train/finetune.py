@@ -32,6 +32,7 @@ from geneformer_ray.models.tasks import add_lora, build_task_model, freeze_layer
 from geneformer_ray.plots import plot_curve
 from geneformer_ray.runtime import AcceleratorPlan, autocast, plan_cluster, worker_device
 from geneformer_ray.settings import Settings
+from geneformer_ray.console import progress_from_metrics
 from geneformer_ray.tracking import log_final_model, start_tracking
 from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
@@ -268,8 +269,9 @@ def fit_split(cfg: FinetuneConfig, plan: AcceleratorPlan, prepared: dict, split:
                       steps_per_epoch=steps_per_epoch, eval_every=eval_every, run_name=run_name, run_dir=str(run_dir),
                       tracking_uri=cfg.tracking_uri(), artifact_location=cfg.artifact_location(), tracking_tags=tags,
                       tracking_run_id=tracking_run_id, has_val="val" in datasets)
-    result = fit(train_loop_per_worker, run.to_dict(), datasets=datasets, datasets_to_split=["train"], plan=plan,
-                 train_cfg=cfg.train, run_name=run_name, callbacks=callbacks)
+    with progress_from_metrics(run_dir / "metrics.jsonl", total=total_steps, desc="fine-tune"):
+        result = fit(train_loop_per_worker, run.to_dict(), datasets=datasets, datasets_to_split=["train"], plan=plan,
+                     train_cfg=cfg.train, run_name=run_name, callbacks=callbacks)
     summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
                "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
                "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),

@@ -20,7 +20,9 @@ import numpy as np
 import ray.train
 import torch
 
+from geneformer_ray.console import progress_from_metrics
 from geneformer_ray.data.corpus import read_manifest, split_info
+from geneformer_ray.files import write_json
 from geneformer_ray.models.attention import use_sparse_attention_dropout
 from geneformer_ray.models.flavours import MaskedGeneObjective, build_model
 from geneformer_ray.models.folders import load_model, model_vocab, resolve_model_config
@@ -34,6 +36,7 @@ from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_
 from geneformer_ray.train.config import PretrainConfig
 from geneformer_ray.train.contract import PRETRAIN_MAY_CHANGE, config_terms, corpus_terms, keep_contract
 from geneformer_ray.train.epoch_data import EpochData
+from geneformer_ray.train.floors import frequency_floors
 from geneformer_ray.train.schedule import build_scheduler
 
 
@@ -53,6 +56,9 @@ def train_loop_per_worker(config: dict) -> None:
     else:
         model = build_model(cfg.model.flavour, run.vocab_name, seed=cfg.train.seed)
         vocab = model_vocab(model.config)
+        if run.output_bias is not None:
+            with torch.no_grad():
+                model.cls.predictions.bias.copy_(torch.tensor(run.output_bias))
     if cfg.model.sparse_attention_dropout:
         use_sparse_attention_dropout(model)  # acts only when training on CPU with attention dropout
     objective = MaskedGeneObjective(model).to(device)
@@ -301,6 +307,7 @@ class PretrainRun(Settings):
     tracking_uri: str | None
     artifact_location: str | None
     has_val: bool
+    output_bias: list[float] | None = None  # model.output_bias=gene_frequency: the head's starting bias, per token
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -315,18 +322,23 @@ def pretrain(cfg: PretrainConfig) -> dict:
                           facts={"global_micro_batches": cfg.train.num_workers * cfg.optim.grad_accum_steps})
     global_micro = terms["fact.global_micro_batches"]
     accum = grad_accum_for(global_micro, cfg)
+    floors = frequency_floors(cfg.data.corpus, vocab) if split["num_val"] or cfg.model.output_bias != "zero" else {}
     cells_per_batch = cfg.data.batch_size or max(1, cfg.data.max_tokens // _median_length(manifest))
     steps_per_epoch = max(1, -(-split["num_train"] // (cells_per_batch * global_micro)))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     run = PretrainRun(config=cfg, plan=plan, vocab_name=vocab.name, total_steps=total_steps, grad_accum_steps=accum,
                       cells_per_batch=cells_per_batch, run_dir=str(run_dir), tracking_uri=cfg.tracking_uri(),
-                      artifact_location=cfg.artifact_location(), has_val=split["num_val"] > 0)
-    result = fit(train_loop_per_worker, run.to_dict(), datasets={}, datasets_to_split=[], plan=plan, train_cfg=cfg.train)
+                      artifact_location=cfg.artifact_location(), has_val=split["num_val"] > 0,
+                      output_bias=floors["log_frequencies"].tolist() if cfg.model.output_bias == "gene_frequency" else None)
+    with progress_from_metrics(run_dir / "metrics.jsonl", total=total_steps, desc="pretrain"):
+        result = fit(train_loop_per_worker, run.to_dict(), datasets={}, datasets_to_split=[], plan=plan, train_cfg=cfg.train)
     model_dir = Path(result.checkpoint.path) / "model"
     summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
                "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),
                "tracking_uri": cfg.tracking_uri(),
-               "mlflow_run_id": result.metrics.get("mlflow_run_id")}
+               "mlflow_run_id": result.metrics.get("mlflow_run_id"),
+               "floors": {k: v for k, v in floors.items() if k != "log_frequencies"}}
+    write_json(run_dir / "floors.json", summary["floors"])
     summary["registered_version"] = log_final_model(cfg, cfg.train.run_name, summary)
     return summary
 
@@ -375,9 +387,15 @@ def format_pretrain_summary(summary: dict) -> str:
     m = summary["metrics"]
     lines = [f"done: {m.get('step')} steps, loss {m.get('first_loss') or float('nan'):.4f} -> "
              f"{m.get('final_loss') or float('nan'):.4f}"
-             + (f", validation loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else ""),
-             f"model (Hugging Face folder): {summary['model']}", f"checkpoint: {summary['checkpoint']}",
-             f"loss curve: {summary['loss_curve']}", f"metrics: {summary['metrics_file']}"]
+             + (f", validation loss {m['val_loss']:.4f}" if m.get("val_loss") is not None else "")]
+    floors = summary.get("floors", {})
+    if m.get("val_loss") is not None and "unigram" in floors:
+        lines.append(f"  floors on the validation cells: gene frequencies alone {floors['unigram']:.4f}, by rank "
+                     f"{floors['rank']:.4f} (fitted on {floors['train_cells']:,} training cells); the model is "
+                     f"{floors['unigram'] - m['val_loss']:.2f} nats under the first, {floors['rank'] - m['val_loss']:.2f} "
+                     "under the second")
+    lines += [f"model (Hugging Face folder): {summary['model']}", f"checkpoint: {summary['checkpoint']}",
+              f"loss curve: {summary['loss_curve']}", f"metrics: {summary['metrics_file']}"]
     if summary["tracking_uri"]:
         lines.append(f"MLflow: {summary['tracking_uri']} run {summary['mlflow_run_id']}"
                      + (f" (registered version {summary['registered_version']})" if summary.get("registered_version") else ""))
