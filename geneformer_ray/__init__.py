@@ -20,8 +20,8 @@ pipeline stage, each importing only the ones before it:
 __version__ = "0.1.0"
 
 _API = ("Corpus", "Embeddings", "Perturbation", "Predictions", "StudyResult", "TrainResult", "convert", "embed",
-        "finetune", "perturb", "perturb_stats", "predict", "pretrain", "quickstart", "run_study", "tokenize", "tune",
-        "upgrade_corpus")
+        "finetune", "load_run_config", "perturb", "perturb_stats", "predict", "pretrain", "quickstart", "run_study",
+        "tokenize", "tune", "upgrade_corpus")
 
 
 def __getattr__(name: str):

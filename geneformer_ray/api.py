@@ -106,12 +106,14 @@ class TrainResult:
     tracking_uri: str | None
     mlflow_run_id: str | None
     summary: dict  # everything the run reported
-    stage: str = "pretrain"  # pretrain | finetune
+    stage: str = "pretrain"  # pretrain | finetune | quickstart (a pretraining run with its fine-tuning run)
     folds: list[TrainResult] = field(default_factory=list)  # gene classification: one run per fold
     finetuned: TrainResult | None = None  # quickstart: the fine-tuning run of this pretrained model
 
     def describe(self) -> str:
         """What a person reads at the end of the run (the command line prints it)."""
+        if self.stage == "quickstart":
+            return format_quickstart_summary(self)
         return format_finetune_summary(self.summary) if self.stage == "finetune" else format_pretrain_summary(self.summary)
 
     def history(self) -> pd.DataFrame:
@@ -330,6 +332,16 @@ def tune(config: PathLike, *, overrides: list[str] = (), resume: bool = False) -
     return run_study(study, base, resume=resume)
 
 
+def load_run_config(stage: str, config, *, overrides: list[str] = (), task: str | None = None):
+    """The config ``pretrain`` or ``finetune`` runs with (``task`` as for ``finetune``), or for ``tune`` the
+    (study, fine-tuning config) pair ``run_study`` takes: where the command line finds the run folder to
+    keep its console log in, before the run starts. Bad values raise ``ValueError``, as the stages do."""
+    if stage == "tune":
+        return load_study(os.fspath(config), list(overrides))
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig}[stage]
+    return _config(cls, config, [*([f"task.kind={task}"] if task else []), *overrides])
+
+
 def run_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) -> StudyResult:
     """``tune`` for a study already loaded (``geneformer_ray.hpo.config.load_study``)."""
     summary = tune_study(study, base, resume=resume)
@@ -344,14 +356,13 @@ QUICKSTART_MAX_GENES = 256  # each cell's top-ranked genes: a quarter of PBMC3k'
 
 
 def quickstart(out: PathLike = "runs/quickstart", *, steps: int | None = None, finetune_epochs: int | None = None,
-               overrides: list[str] = (), overwrite: bool = False, progress: bool = True, echo=None) -> TrainResult:
+               overrides: list[str] = (), overwrite: bool = False, progress: bool = True) -> TrainResult:
     """The main job on the bundled demo data, on one Ray instance: tokenize PBMC3k (each cell's top 256
     genes, kept in ``out/corpus`` for later runs), pretrain the ``tiny`` flavour on 2 CPU workers and
     publish it at ``out/model``, then fine-tune it on the cell types with the logistic-regression
-    baseline on the same split. ``steps`` / ``finetune_epochs`` override the configs' (200 steps, 4
-    epochs); ``overrides`` apply to pretraining. ``echo`` is called with each line a person reads (the
-    command line passes ``print``). Returns the pretraining run, with the fine-tuning run as ``.finetuned``."""
-    echo = echo or (lambda line: None)
+    baseline on the same split. ``steps`` / ``finetune_epochs`` override the configs' (200 steps, 8
+    epochs); ``overrides`` apply to pretraining. Returns the pretraining run, with the fine-tuning run as
+    ``.finetuned``; its ``describe()`` is the quickstart's summary block."""
     start_ray()  # one Ray instance for every stage
     out = Path(out).absolute()
     corpus = out / "corpus"
@@ -365,13 +376,13 @@ def quickstart(out: PathLike = "runs/quickstart", *, steps: int | None = None, f
     tuned = finetune(QUICKSTART_FINETUNE, overrides=[f"data.corpus={corpus}", f"model.init_from={run.model}",
                                                      f"train.storage_path={out}",
                                                      *([f"train.epochs={finetune_epochs}"] if finetune_epochs else [])])
-    run.finetuned = tuned
-    echo(format_quickstart_summary(corpus, run, tuned))
+    run.finetuned, run.stage = tuned, "quickstart"
     return run
 
 
-def format_quickstart_summary(corpus: Path, run: TrainResult, tuned: TrainResult) -> str:
+def format_quickstart_summary(run: TrainResult) -> str:
     """The quickstart's one summary block: what was learned, against what gene frequencies and a linear model reach."""
+    corpus, tuned = Path(run.summary["corpus"]), run.finetuned
     m, floors = run.summary["metrics"], run.summary.get("floors", {})
     f1 = tuned.summary["metrics"].get("test_macro_f1", float("nan"))
     base = (tuned.summary.get("baseline") or {}).get("cell_type", {})
@@ -475,5 +486,5 @@ def _cell_id_column(corpus: PathLike) -> str | None:
 
 
 __all__ = ["Corpus", "Embeddings", "Perturbation", "Predictions", "StudyResult", "TrainResult", "convert", "embed",
-           "finetune", "perturb", "perturb_stats", "predict", "pretrain", "quickstart", "run_study", "tokenize", "tune",
-           "upgrade_corpus"]
+           "finetune", "load_run_config", "perturb", "perturb_stats", "predict", "pretrain", "quickstart", "run_study",
+           "tokenize", "tune", "upgrade_corpus"]

@@ -31,6 +31,10 @@ DEMO_DATA = Path(__file__).parent / "resources" / "demo"  # the bundled PBMC3k c
 
 
 def _tokenize(args) -> int:
+    return _calmly(args, Path(args.out).absolute() / "tokenize.log", lambda: _tokenized(args))
+
+
+def _tokenized(args) -> str:
     corpus = gr.tokenize(
         args.inputs, args.out, vocab=args.vocab, obs=[] if args.no_obs else (_parse_obs(args.obs) or None),
         count_column=args.count_column, filter_column=args.filter_column, gene_id_column=args.gene_id_column,
@@ -39,17 +43,17 @@ def _tokenize(args) -> int:
         min_mapped_fraction=args.min_mapped_fraction, val_fraction=args.val_fraction, max_genes=args.max_genes,
         cells_per_shard=args.cells_per_shard, executor="local" if args.local else args.executor, overwrite=args.overwrite,
         progress=not args.quiet)
-    print(corpus.describe())
-    print(f"corpus: {corpus.path}")
-    return 0
+    return f"{corpus.describe()}\ncorpus: {corpus.path}"
 
 
 def _convert(args) -> int:
+    return _calmly(args, Path(args.out).absolute() / "convert.log", lambda: _converted(args))
+
+
+def _converted(args) -> str:
     corpus = gr.convert(args.dataset, args.out, vocab=args.vocab, overwrite=args.overwrite,
-                         cells_per_shard=args.cells_per_shard, val_fraction=args.val_fraction, progress=not args.quiet)
-    print(f"converted {corpus.num_cells:,} cells ({corpus.vocab}) into {len(corpus.manifest['shards'])} shard(s): "
-          f"{corpus.path}")
-    return 0
+                        cells_per_shard=args.cells_per_shard, val_fraction=args.val_fraction, progress=not args.quiet)
+    return f"converted {corpus.num_cells:,} cells ({corpus.vocab}) into {len(corpus.manifest['shards'])} shard(s): {corpus.path}"
 
 
 def _upgrade(args) -> int:
@@ -72,42 +76,41 @@ def _vocab(args) -> int:
 
 
 def _pretrain(args) -> int:
-    print(gr.pretrain(args.config, overrides=args.set).describe())
-    return 0
+    cfg = gr.load_run_config("pretrain", args.config, overrides=args.set)
+    return _calmly(args, cfg.run_dir() / "pretrain.log", lambda: gr.pretrain(cfg).describe())
 
 
 def _finetune(args) -> int:
-    print(gr.finetune(args.config, overrides=args.set, task=args.task).describe())
-    return 0
+    cfg = gr.load_run_config("finetune", args.config, overrides=args.set, task=args.task)
+    return _calmly(args, cfg.run_dir() / "finetune.log", lambda: gr.finetune(cfg).describe())
 
 
 def _tune(args) -> int:
-    print(gr.tune(args.config, overrides=args.set, resume=args.resume).describe())
-    return 0
+    study, base = gr.load_run_config("tune", args.config, overrides=args.set)
+    folder = Path(study.study.storage_path) / study.study.name
+    return _calmly(args, folder / "tune.log", lambda: gr.run_study(study, base, resume=args.resume).describe())
 
 
 def _predict(args) -> int:
-    print(gr.predict(args.model, args.corpus, args.out, **_actor_options(args)).describe())
-    return 0
+    return _calmly(args, Path(args.out).absolute() / "predict.log",
+                   lambda: gr.predict(args.model, args.corpus, args.out, **_actor_options(args)).describe())
 
 
 def _embed(args) -> int:
-    print(gr.embed(args.model, args.corpus, args.out, layer=args.layer, mode=args.mode, max_cells=args.max_cells,
-                   seed=args.seed, h5ad=args.h5ad, adata_path=args.adata, color=args.color,
-                   heatmap_by=args.heatmap_by or (args.color[0] if args.color else None),
-                   **_tracking_options(args), **_actor_options(args)).describe())
-    return 0
+    return _calmly(args, Path(args.out).absolute() / "embed.log", lambda: gr.embed(
+        args.model, args.corpus, args.out, layer=args.layer, mode=args.mode, max_cells=args.max_cells, seed=args.seed,
+        h5ad=args.h5ad, adata_path=args.adata, color=args.color, heatmap_by=args.heatmap_by or (args.color[0] if args.color else None),
+        **_tracking_options(args), **_actor_options(args)).describe())
 
 
 def _perturb(args) -> int:
-    print(gr.perturb(args.model, args.corpus, args.out, perturbation=args.perturbation, genes=args.genes or [],
-                     all_genes=args.all_genes, group=args.group, anchor=args.anchor, quartiles=args.quartiles,
-                     emb_mode=args.emb_mode, measure=args.measure, start_state=args.start_state, goal_state=args.goal_state,
-                     alt_states=args.alt_state, filters=args.filter, cell_range=args.cell_range, layer=args.layer,
-                     max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed,
-                     cells_per_batch=args.cells_per_batch, progress=not args.quiet, **_tracking_options(args),
-                     **_actor_options(args)).describe())
-    return 0
+    return _calmly(args, Path(args.out).absolute() / "perturb.log", lambda: gr.perturb(
+        args.model, args.corpus, args.out, perturbation=args.perturbation, genes=args.genes or [], all_genes=args.all_genes,
+        group=args.group, anchor=args.anchor, quartiles=args.quartiles, emb_mode=args.emb_mode, measure=args.measure,
+        start_state=args.start_state, goal_state=args.goal_state, alt_states=args.alt_state, filters=args.filter,
+        cell_range=args.cell_range, layer=args.layer, max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed,
+        cells_per_batch=args.cells_per_batch, progress=not args.quiet, **_tracking_options(args),
+        **_actor_options(args)).describe())
 
 
 def _perturb_stats(args) -> int:
@@ -129,18 +132,26 @@ def _tracking_options(args) -> dict:
 
 
 def _quickstart(args) -> int:
-    """The main job on the bundled demo data, on one calm console: a bar per stage, one summary block at the
-    end; Ray's and the libraries' output in ``<out>/quickstart.log`` (``--verbose`` shows it instead)."""
     out = Path(args.out).absolute()
-    with QuietConsole(out / "quickstart.log", verbose=args.verbose) as console:
+    return _calmly(args, out / "quickstart.log", lambda: gr.quickstart(
+        out, steps=args.steps, finetune_epochs=args.finetune_epochs, overrides=args.set, overwrite=args.overwrite,
+        progress=not args.quiet).describe())
+
+
+def _calmly(args, log_path: Path, work) -> int:
+    """Run a command on one calm console: its progress bars and, at the end, the summary block ``work()``
+    returns reach the terminal; Ray's, the workers' and the libraries' output goes to ``log_path`` in the
+    run folder (``--verbose``: the terminal too), whose path is printed once. An error shows as one
+    sentence and the log's path, its traceback in the log. Under ``ray job submit`` the terminal is the
+    job's log. A Ray instance this command started is shut down inside the console."""
+    with QuietConsole(log_path, verbose=args.verbose, title=f"geneformer-ray {args.command}") as console:
         if not args.verbose:
             console.say(f"log (Ray, workers, libraries): {console.log_path}")
         import ray
 
         ours = not ray.is_initialized()  # a notebook's or a test's Ray instance stays up
         try:
-            gr.quickstart(out, steps=args.steps, finetune_epochs=args.finetune_epochs, overrides=args.set,
-                          overwrite=args.overwrite, progress=not args.quiet, echo=console.say)
+            summary = work()
             if ours:
                 ray.shutdown()  # inside the console: what Ray still forwards from the workers goes to the log
         except Exception as exc:
@@ -149,8 +160,9 @@ def _quickstart(args) -> int:
             traceback.print_exc()  # into the log
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             kind = "error" if isinstance(exc, ValueError) else f"failed ({type(exc).__name__})"
-            console.error(f"geneformer-ray quickstart: {kind}: {first}\n  the whole account: {console.log_path}")
+            console.error(f"geneformer-ray {args.command}: {kind}: {first}\n  the whole account: {console.log_path}")
             return 2 if isinstance(exc, ValueError) else 1
+        console.say(summary)
     return 0
 
 
@@ -194,6 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--local", action="store_true", help="same as --executor local")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out folder")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    _verbose_arg(p)
     p.set_defaults(func=_tokenize)
 
     p = sub.add_parser("convert-dataset", help="Geneformer save_to_disk dataset -> corpus folder (streaming)")
@@ -204,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-fraction", type=float, default=0.02, help="cells held out for pretraining validation (default 0.02)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--quiet", action="store_true")
+    _verbose_arg(p)
     p.set_defaults(func=_convert)
 
     p = sub.add_parser("upgrade-corpus", help="record the pretraining split of a corpus written before it was (in place)")
@@ -220,12 +234,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pretrain", help="masked gene pretraining on Ray Train")
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    _verbose_arg(p)
     p.set_defaults(func=_pretrain)
 
     p = sub.add_parser("finetune", help="fine-tune for cell, gene or multitask classification on Ray Train")
     p.add_argument("--task", choices=["cell", "gene", "multitask"], default=None, help="overrides task.kind of the config")
     p.add_argument("--config", required=True, help="YAML config (see jobs/configs/finetune_*.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a config value (repeatable)")
+    _verbose_arg(p)
     p.set_defaults(func=_finetune)
 
     p = sub.add_parser("tune", help="hyperparameter search over a fine-tuning config: Ray Tune + Optuna TPE + ASHA")
@@ -233,6 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", help="override a study value (repeatable)")
     p.add_argument("--resume", action="store_true", help="continue an interrupted study in the same folder (searcher "
                    "state and finished trials kept; the budget counts them)")
+    _verbose_arg(p)
     p.set_defaults(func=_tune)
 
     p = sub.add_parser("predict", help="batch inference of a fine-tuned model over a corpus (Ray Data actor pool)")
@@ -240,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--corpus", required=True, help="corpus folder (same vocabulary as the model)")
     p.add_argument("--out", required=True, help="output folder: predictions/*.parquet (or gene_predictions.parquet) + summary.json")
     _actor_args(p, default_batch=32)
+    _verbose_arg(p)
     p.set_defaults(func=_predict)
 
     p = sub.add_parser("embed", help="cell or gene embeddings (Ray Data actor pool), UMAP and heatmap plots, .h5ad copy")
@@ -256,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--color", action="append", default=[], metavar="COLUMN", help="UMAP coloured by this column (repeatable)")
     p.add_argument("--heatmap-by", default=None, metavar="COLUMN", help="heatmap grouped by this column (default: the first --color)")
     _inference_args(p, default_batch=32, experiment="geneformer-embed")
+    _verbose_arg(p)
     p.set_defaults(func=_embed)
 
     p = sub.add_parser("perturb", help="in-silico deletion / over-expression: embedding shifts per gene, statistics, plot")
@@ -286,6 +305,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cells-per-batch", type=int, default=8, help="cells per actor call and part file")
     p.add_argument("--quiet", action="store_true")
     _inference_args(p, default_batch=64, experiment="geneformer-perturb")
+    _verbose_arg(p)
     p.set_defaults(func=_perturb)
 
     p = sub.add_parser("perturb-stats", help="a statistics mode of Geneformer's InSilicoPerturberStats on a perturb folder")
@@ -302,14 +322,18 @@ def build_parser() -> argparse.ArgumentParser:
                        "workers, fine-tune it on the cell types next to logistic regression")
     p.add_argument("--out", default="runs/quickstart")
     p.add_argument("--steps", type=int, default=None, help="pretraining steps (default: the config's, 200)")
-    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the config's, 5)")
+    p.add_argument("--finetune-epochs", type=int, default=None, help="fine-tuning epochs (default: the config's, 8)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     p.add_argument("--overwrite", action="store_true", help="tokenize again even if the corpus exists")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--verbose", action="store_true", help="Ray's, the workers' and the libraries' output on the console "
-                   "too (otherwise in OUT/quickstart.log)")
+    _verbose_arg(p)
     p.set_defaults(func=_quickstart)
     return parser
+
+
+def _verbose_arg(p) -> None:
+    p.add_argument("--verbose", action="store_true", help="Ray's, the workers' and the libraries' output on the terminal "
+                   "too (otherwise only in the log file in the run folder, whose path is printed first)")
 
 
 def _actor_args(p, *, default_batch: int) -> None:

@@ -19,6 +19,7 @@ import json
 import os
 import sys
 import threading
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -28,11 +29,12 @@ _active: list[QuietConsole] = []
 
 
 class QuietConsole:
-    """Descriptors 1 and 2 redirected to ``log_path`` (appended) while open; ``verbose`` leaves them alone."""
+    """Descriptors 1 and 2 redirected to ``log_path`` (appended, after a line with ``title`` and the time)
+    while open; ``verbose`` leaves them alone."""
 
-    def __init__(self, log_path: str | Path, *, verbose: bool = False):
+    def __init__(self, log_path: str | Path, *, verbose: bool = False, title: str = "geneformer-ray"):
         self.log_path = Path(log_path)
-        self.verbose = verbose
+        self.verbose, self.title = verbose, title
         self.out = sys.stdout
         self.err = sys.stderr
         self._saved: list[int] = []
@@ -48,6 +50,7 @@ class QuietConsole:
         self.out = os.fdopen(os.dup(self._saved[0]), "w", buffering=1)
         self.err = os.fdopen(os.dup(self._saved[1]), "w", buffering=1)
         log = os.open(self.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        os.write(log, f"==== {self.title}, {time.strftime('%Y-%m-%d %H:%M:%S')} ====\n".encode())  # runs appended apart
         os.dup2(log, 1)
         os.dup2(log, 2)
         os.close(log)
@@ -86,6 +89,43 @@ def terminal():
     return _active[-1].err if _active else sys.stderr
 
 
+def console_open() -> bool:
+    return bool(_active)
+
+
+def progress_bar(*, total: int | None, desc: str, unit: str, disable: bool = False) -> tqdm:
+    """The one kind of progress bar every stage shows (on ``terminal()``): redrawn twice a second on a
+    terminal, every 30 s where the output is a file (a ``ray job submit`` log), so the log stays readable."""
+    stream = terminal()
+    tty = hasattr(stream, "isatty") and stream.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, disable=disable,
+                mininterval=0.5 if tty else 30.0)
+
+
+@contextmanager
+def _following(update, *, poll_s: float, name: str):
+    """``update()`` called every ``poll_s`` seconds in a thread while the block runs, and once after it."""
+    stop = threading.Event()
+
+    def follow() -> None:
+        while True:
+            finished = stop.wait(poll_s)
+            try:
+                update()
+            except Exception:  # noqa: BLE001 - a progress display never fails the work it shows
+                pass
+            if finished:
+                return
+
+    thread = threading.Thread(target=follow, name=name, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
 @contextmanager
 def progress_from_metrics(path: str | Path, *, total: int, desc: str, enabled: bool | None = None,
                           poll_s: float = 0.5):
@@ -94,35 +134,51 @@ def progress_from_metrics(path: str | Path, *, total: int, desc: str, enabled: b
     lines go to the log. Steps already in the file (a resumed run) count as done. ``enabled`` (default:
     while a quiet console is open; elsewhere, in a notebook or with --verbose, rank 0's step lines are
     the progress display)."""
-    if not (bool(_active) if enabled is None else enabled):
+    if not (console_open() if enabled is None else enabled):
         yield
         return
     path = Path(path)
-    stop = threading.Event()
-    bar = tqdm(total=total, desc=desc, unit="step", file=terminal(), dynamic_ncols=True)
+    shown = progress_bar(total=total, desc=desc, unit="step")
+    position = [0]
 
-    def follow() -> None:
-        position = 0
-        while True:
-            finished = stop.wait(poll_s)
-            if path.exists():
-                with open(path) as fh:
-                    fh.seek(position)
-                    chunk = fh.read()
-                    complete = chunk[: chunk.rfind("\n") + 1]  # a line being written is read next time
-                    position += len(complete.encode())
-                _advance(bar, complete.splitlines())
-            if finished:
-                return
+    def update() -> None:
+        if not path.exists():
+            return
+        with open(path) as fh:
+            fh.seek(position[0])
+            chunk = fh.read()
+        complete = chunk[: chunk.rfind("\n") + 1]  # a line being written is read next time
+        position[0] += len(complete.encode())
+        _advance(shown, complete.splitlines())
 
-    thread = threading.Thread(target=follow, name=f"{desc}-progress", daemon=True)
-    thread.start()
     try:
-        yield
+        with _following(update, poll_s=poll_s, name=f"{desc}-progress"):
+            yield
     finally:
-        stop.set()
-        thread.join()
-        bar.close()
+        shown.close()
+
+
+@contextmanager
+def progress_from_count(count, *, total: int | None, desc: str, unit: str, enabled: bool | None = None,
+                        poll_s: float = 0.5):
+    """A progress bar fed by ``count()`` (how many units are done so far, e.g. cells a pool of model
+    actors has finished, asked of a counting actor): for work that runs out of the driver's sight.
+    ``enabled`` as for ``progress_from_metrics``."""
+    if not (console_open() if enabled is None else enabled):
+        yield
+        return
+    shown = progress_bar(total=total, desc=desc, unit=unit)
+
+    def update() -> None:
+        done = int(count())
+        if done > shown.n:
+            shown.update(done - shown.n)
+
+    try:
+        with _following(update, poll_s=poll_s, name=f"{desc}-progress"):
+            yield
+    finally:
+        shown.close()
 
 
 def _advance(bar, lines: list[str]) -> None:

@@ -20,12 +20,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+LOG_SUFFIX = ".log"  # a command's console log (geneformer_ray.console), in its output folder from the start
+
+
+def output_contents(out: Path) -> list[Path]:
+    """What an output folder holds, less the console logs of the commands writing it."""
+    return [p for p in out.iterdir() if p.suffix != LOG_SUFFIX] if out.is_dir() else []
+
+
+def clear_output(out: Path) -> None:
+    """Remove what ``out`` holds (``--overwrite``), less the console log being written into it."""
+    for path in output_contents(out):
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+
+
 def prepare_output(out: str | Path, *, overwrite: bool = False) -> Path:
     """Check ``out`` can be written and return a fresh temporary sibling folder to build it in."""
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {out} exists and is a file; pass a folder path")
-    if out.exists() and any(out.iterdir()) and not overwrite:
+    if output_contents(out) and not overwrite:
         raise ValueError(f"output folder {out} exists and is not empty; choose another --out or pass --overwrite")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -34,10 +48,14 @@ def prepare_output(out: str | Path, *, overwrite: bool = False) -> Path:
 
 
 def finalize_output(tmp: Path, out: str | Path) -> Path:
-    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is removed only after the swap."""
+    """Move the finished ``tmp`` folder to ``out``; an old ``out`` is removed only after the swap, its
+    console logs carried over (a log still being written keeps going: a rename moves an open file)."""
     out = Path(out).absolute()
     old = None
     if out.exists():
+        for log in out.glob(f"*{LOG_SUFFIX}"):
+            if not (tmp / log.name).exists():
+                log.rename(tmp / log.name)
         old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
         out.rename(old)
     tmp.rename(out)

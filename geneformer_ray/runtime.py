@@ -16,12 +16,13 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import ray
 from pydantic import ConfigDict, Field, model_validator
 
+from geneformer_ray.console import console_open, progress_from_count
 from geneformer_ray.settings import Settings
 
 # torch and Ray Train/Data are imported inside the functions that use them: the tokenize tasks and the
@@ -299,6 +300,36 @@ def actor_pool(num_actors: int, *, one_block_at_a_time: bool = False):
         return ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors, initial_size=num_actors,
                                           max_tasks_in_flight_per_actor=1)
     return ray.data.ActorPoolStrategy(min_size=1, max_size=num_actors)
+
+
+@ray.remote(num_cpus=0)
+class Tally:
+    """A count that model actors add their finished rows to, for the driver's progress bar."""
+
+    def __init__(self):
+        self.count = 0
+
+    def add(self, n: int) -> None:
+        self.count += n
+
+    def value(self) -> int:
+        return self.count
+
+
+@contextmanager
+def tallied(*, total: int | None, desc: str, unit: str = "cell"):
+    """A ``Tally`` actor for the model actors (``tally.add.remote(rows)`` after each batch) and a progress
+    bar on the driver that follows it, while a quiet console is open (elsewhere Ray Data's own progress
+    display shows, and this yields None)."""
+    if not console_open():
+        yield None
+        return
+    tally = Tally.remote()
+    try:
+        with progress_from_count(lambda: ray.get(tally.value.remote(), timeout=10), total=total, desc=desc, unit=unit):
+            yield tally
+    finally:
+        ray.kill(tally)
 
 
 def actor_device(plan: AcceleratorPlan | dict):

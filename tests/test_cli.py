@@ -15,13 +15,14 @@ from geneformer_ray.data.corpus import read_manifest
 from conftest import PBMC3K, PBMC_SMALL, REFERENCE, read_corpus_table
 
 
-def test_tokenize_command_on_local_ray(ray_session, tmp_path, capsys):
+def test_tokenize_command_on_local_ray(ray_session, tmp_path, capfd):
     out = tmp_path / "pbmc3k"
     rc = main(["tokenize", str(PBMC3K), "--vocab", "gc30M", "--out", str(out), "--obs", "cell_type",
                "--obs", "seurat_clusters=cluster", "--cells-per-shard", "1500", "--no-sum-duplicates", "--quiet"])
     assert rc == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     assert "tokenized 2,638 of 2,638 cells" in printed and f"corpus: {out}" in printed
+    assert printed.splitlines()[0] == f"log (Ray, workers, libraries): {out / 'tokenize.log'}"
     table = read_corpus_table(out)
     reference = pq.read_table(REFERENCE / "pbmc3k_V1.parquet")
     assert table["input_ids"].to_pylist() == reference["input_ids"].to_pylist()  # Geneformer V1 exactly
@@ -29,9 +30,9 @@ def test_tokenize_command_on_local_ray(ray_session, tmp_path, capsys):
     assert len(read_manifest(out)["shards"]) == 2
 
 
-def test_bad_input_is_one_clear_line(tmp_path, capsys):
+def test_bad_input_is_one_clear_line(tmp_path, capfd):
     rc = main(["tokenize", str(tmp_path / "missing.h5ad"), "--out", str(tmp_path / "out"), "--local"])
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert rc == 2
     assert "geneformer-ray tokenize: error:" in err and "missing.h5ad does not exist" in err and "Traceback" not in err
     assert main(["tokenize", str(PBMC_SMALL), "--out", str(tmp_path / "o"), "--obs", "=x", "--local"]) == 2

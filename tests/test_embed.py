@@ -160,3 +160,33 @@ def test_bad_input_is_refused_before_any_work(pbmc3k_v1_corpus, v1_model, v2, tm
         with pytest.raises(ValueError, match=message):
             call()
     assert not out.exists()  # nothing written
+
+
+def test_embed_command_on_a_calm_console(ray_session, pbmc3k_v1_corpus, v1_model, tmp_path, capfd):
+    """`geneformer-ray embed`: the log's path, one bar (fed by the model actors), the summary; Ray Data's
+    notices in the log inside the output folder, kept when the folder is replaced; errors in one sentence."""
+    from geneformer_ray.cli import main
+
+    out = tmp_path / "emb"
+    args = ["embed", "--model", str(v1_model), "--corpus", str(pbmc3k_v1_corpus), "--out", str(out), "--max-cells", "40",
+            "--actors", "1", "--accelerator", "cpu"]
+    assert main(args) == 0
+    shown = capfd.readouterr()
+    lines = shown.out.splitlines()
+    assert lines[0] == f"log (Ray, workers, libraries): {out / 'embed.log'}" and len(lines) == 2
+    assert lines[1].startswith("40 cells embedded (mean, layer -1) by 1 cpu actor(s)")
+    bar = shown.err.replace("\r", "\n").strip().splitlines()
+    assert bar[-1].startswith("embed: 100%") and "40/40" in bar[-1] and shown.err.count("\n") == 1  # one bar, redrawn
+    assert (out / "embed.log").read_text().startswith("==== geneformer-ray embed, ") and (out / "summary.json").exists()
+
+    assert main([*args, "--overwrite"]) == 0  # the folder is replaced: the log goes on in the new one
+    capfd.readouterr()
+    assert (out / "embed.log").read_text().count("==== geneformer-ray embed, ") == 2 and not list(tmp_path.glob(".emb*"))
+
+    assert main([*args[:-6], "--out", str(tmp_path / "bad"), "--layer", "2"]) == 2
+    err = capfd.readouterr().err
+    assert err.splitlines() == [
+        "geneformer-ray embed: error: --layer 2 is out of range for a 2-layer model: use 0 (the last layer), -1 (the "
+        "second to last, Geneformer's default) down to -2 (the input embeddings)",
+        f"  the whole account: {tmp_path / 'bad' / 'embed.log'}"]
+    assert "Traceback" in (tmp_path / "bad" / "embed.log").read_text()

@@ -226,3 +226,35 @@ def test_epochs_done_counts_whole_epochs_and_the_part_of_the_current_one():
     assert _epochs_done({"step": 23, "epoch": 0, "epoch_start": 0}, 20) == 1.0  # an epoch a few batches long stays 1
     assert _epochs_done({"step": 23, "epoch": 1, "epoch_start": 23}, 20) == 1.0  # its end: an integer
     assert _epochs_done({"step": 33, "epoch": 1, "epoch_start": 23}, 20) == 1.5
+
+
+def test_splits_held_in_memory_are_dealt_to_ranks_like_a_streaming_split():
+    from geneformer_ray.train.collate import iter_padded_batches
+    from geneformer_ray.train.task_batches import MemorySplit, split_rows
+
+    rng = np.random.default_rng(0)
+    corpus = {"input_ids": np.array([rng.integers(10, 99, n) for n in rng.integers(3, 40, 101)], dtype=object),
+              "cell_id": np.array([f"c{i}" for i in range(101)], dtype=object)}
+    corpus["length"] = np.array([len(c) for c in corpus["input_ids"]])
+    labels = {f"c{i}": [i % 3, i % 2] for i in range(0, 101, 2)}  # 51 cells of this split, two heads
+    rows = split_rows(corpus, labels)
+    assert rows["labels"].shape == (51, 2) and list(rows["labels"][5]) == labels[rows["cell_id"][5]]
+    assert set(rows["cell_id"]) == set(labels)
+
+    def cells(rank, epoch):
+        shard = MemorySplit(rows, rank, 2, seed=epoch)
+        return [c for b in iter_padded_batches(shard, pad_id=0, batch_size=4, window_batches=2, shuffle_buffer=0,
+                                               seed=epoch, columns=["cell_id", "labels"]) for c in b["cell_id"]]
+
+    for epoch in (0, 1):
+        a, b = cells(0, epoch), cells(1, epoch)
+        assert not set(a) & set(b) and set(a) | set(b) == set(labels) and abs(len(a) - len(b)) <= 1
+    assert cells(0, 0) != cells(0, 1)  # another order every epoch
+    assert cells(0, 1) == cells(0, 1)  # and the same one for the same seed
+    whole = MemorySplit(rows, 1, 2, seed=None)  # evaluation: every row (the caller keeps the rank's stripe)
+    assert sum(len(b["cell_id"]) for b in whole.iter_batches(batch_size=7)) == 51
+
+
+def test_data_loader_is_one_of_three():
+    with pytest.raises(ValueError, match=r"data.loader='disk': use auto, memory .* or stream"):
+        load_config(FinetuneConfig, None, [f"data.corpus={PBMC3K}", "data.loader=disk", "task.label_column=cell_type"])

@@ -94,6 +94,11 @@ def test_tokenize_pretrain_and_tune_jobs_through_ray_job_submit(token_env, tmp_p
                       "--set", "train.log_every=3", "--set", "train.val_every=6", "--set", "data.val_fraction=0.1",
                       "--set", f"tracking.uri={mlflow_server}")
         assert "succeeded" in proc.stdout and "done: 6 steps" in proc.stdout
+        # a calm job log: the bar and the summary; Ray's and the workers' lines in the run folder's log
+        log = runs / "pretrain_tiny" / "pretrain.log"
+        assert f"log (Ray, workers, libraries): {log}" in proc.stdout and "pretrain: 100%" in proc.stdout
+        assert not any(noise in proc.stdout for noise in ("RayTrainWorker", "TrainController", "step 3/6", "Ray Data"))
+        assert "step 3/6" in log.read_text()
         (model,) = (runs / "pretrain_tiny").glob("checkpoint_*/model")
 
         # a 1-trial, 1-epoch search over fine-tuning from that model, on the same cluster (test_tune covers studies)
@@ -103,7 +108,8 @@ def test_tokenize_pretrain_and_tune_jobs_through_ray_job_submit(token_env, tmp_p
                       "--set", f"model.init_from={model}", "--set", "task.label_column=cluster", "--set", "task.min_class_size=5",
                       "--set", "split.val_fraction=0.2", "--set", "train.max_failures=0", "--set", "tracking.register_as=null",
                       "--set", f"tracking.uri={mlflow_server}")
-        assert "best trial" in proc.stdout
+        assert "best trial" in proc.stdout and "trials: 100%" in proc.stdout and "Trial status" not in proc.stdout
+        assert "Trial status" in (studies / "tune_cell_type" / "tune.log").read_text()  # Tune's tables: in the log
         assert (studies / "tune_cell_type" / "results.csv").read_text().count("\n") == 2  # header + 1 trial
 
         # MLflow: the pretraining run and the study's parent with its trial

@@ -13,9 +13,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
-from geneformer_ray.console import terminal
+from geneformer_ray.console import progress_bar
 from geneformer_ray.data.corpus import DEFAULT_VAL_FRACTION, PARQUET_COMPRESSION, ROW_GROUP_CELLS, with_split, write_manifest
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
 from geneformer_ray.files import discard_output, finalize_output, prepare_output, sha256_file
@@ -40,7 +39,7 @@ def convert_hf_dataset(dataset_dir: str | Path, out: str | Path, *, vocab: str |
     try:
         vocab = load_vocab(vocab) if vocab is not None else None
         shard_files, writer, rows_in_shard, row = [], None, 0, 0
-        bar = tqdm(total=total_rows, unit="cells", desc="convert", disable=not progress, file=terminal())
+        bar = progress_bar(total=total_rows, unit="cells", desc="convert", disable=not progress)
         for path in arrow_files:
             with pa.OSFile(str(path)) as source:  # read, not mapped: memory stays one batch, not the file's pages
                 for batch in _open_ipc(source):

@@ -27,10 +27,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
-from tqdm import tqdm
 
 from geneformer_ray import __version__
-from geneformer_ray.console import terminal
+from geneformer_ray.console import progress_bar
 from geneformer_ray.data.encode import HISTOGRAM_BIN, length_histogram
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
 from geneformer_ray.files import write_json
@@ -188,7 +187,8 @@ def upgrade_corpus(corpus: str | Path, *, val_fraction: float = DEFAULT_VAL_FRAC
         raise ValueError(f"--val-fraction {val_fraction} must be in [0, 1)")
     stamp = time.strftime("%Y%m%d%H%M%S")
     shards, old = [], []
-    for i, shard in enumerate(tqdm(manifest["shards"], desc="upgrade", unit="shard", disable=not progress, file=terminal())):
+    shown = progress_bar(total=len(manifest["shards"]), desc="upgrade", unit="shard", disable=not progress)
+    for i, shard in enumerate(manifest["shards"]):
         table = pq.read_table(corpus / shard["path"])
         new = corpus / f"part-{i:05d}-v2-{stamp}.parquet"
         pq.write_table(with_split(table, val_fraction), new, compression=PARQUET_COMPRESSION, row_group_size=ROW_GROUP_CELLS)
@@ -196,6 +196,8 @@ def upgrade_corpus(corpus: str | Path, *, val_fraction: float = DEFAULT_VAL_FRAC
         shards.append({**shard, "path": new.name, "num_val": _count_val(pq.read_table(new, columns=[SPLIT_COLUMN])[SPLIT_COLUMN]),
                        "first_cell": first, "bytes": new.stat().st_size})
         old.append(corpus / shard["path"])
+        shown.update(1)
+    shown.close()
     upgraded = {**manifest, "format_version": FORMAT_VERSION, "shards": shards, "split": _split_summary(shards, val_fraction),
                 "columns": {**manifest["columns"], SPLIT_COLUMN: "dictionary<values=string, indices=int8, ordered=0>"},
                 "upgraded": {"from_version": 1, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}}

@@ -20,9 +20,8 @@ import anndata
 import numpy as np
 import pyarrow.parquet as pq
 import ray
-from tqdm import tqdm
 
-from geneformer_ray.console import terminal
+from geneformer_ray.console import progress_bar
 from geneformer_ray.data.corpus import PARQUET_COMPRESSION, ROW_GROUP_CELLS, with_split, write_manifest
 from geneformer_ray.data.encode import (
     GenePlan,
@@ -175,8 +174,7 @@ def tokenize(inputs, out: str | Path, *, vocab: str | Vocabulary = "gc30M", opti
 
 def _run(jobs: list[dict], files: list[Path], executor: str, progress: bool) -> tuple[list[dict], list[str]]:
     """Run the shard jobs (and hash the inputs alongside); returns (per-job stats, per-file sha256)."""
-    bar = tqdm(total=sum(j["stop"] - j["start"] for j in jobs), unit="cells", desc="tokenize", disable=not progress,
-               file=terminal())
+    bar = progress_bar(total=sum(j["stop"] - j["start"] for j in jobs), unit="cells", desc="tokenize", disable=not progress)
     if executor == "local":
         results = []
         for job in jobs:

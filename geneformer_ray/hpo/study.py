@@ -29,6 +29,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search.optuna import OptunaSearch
 
+from geneformer_ray.console import console_open, progress_bar
 from geneformer_ray.files import write_json
 from geneformer_ray.hpo.config import TRIAL_RECORDS, StudyConfig, StudyFile, apply_params, default_metric
 from geneformer_ray.hpo.outputs import mark_child_runs, trial_rows, trial_runs, write_outputs
@@ -125,7 +126,8 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
             param_space={name: _tune_dimension(spec) for name, spec in study.space.items()},
             tune_config=tune.TuneConfig(metric=metric, mode=s.mode, search_alg=searcher, scheduler=scheduler,
                                         num_samples=s.num_trials, max_concurrent_trials=concurrent),
-            run_config=tune.RunConfig(name=experiment.name, storage_path=str(study_dir), verbose=1),
+            run_config=tune.RunConfig(name=experiment.name, storage_path=str(study_dir), verbose=1,
+                                      callbacks=[TrialProgress(metric, s.mode)]),
         )
     grid = tuner.fit()
     rows = trial_rows(grid, study, metric, study_dir)
@@ -144,6 +146,43 @@ def tune_study(study: StudyFile, base: FinetuneConfig, *, resume: bool = False) 
             parent.log_artifact(study_dir / name)
     parent.finish()
     return summary
+
+
+class TrialProgress(tune.Callback):
+    """The study's progress display on a quiet console: one bar over its trials (finished, stopped early
+    or failed; those of an interrupted run count when it is resumed) with the best metric so far."""
+
+    def __init__(self, metric: str, mode: str):
+        self.metric, self.mode, self.best, self.bar = metric, mode, None, None
+
+    def __getstate__(self) -> dict:  # Tune keeps its callbacks with the experiment for a resume: not the bar
+        return {**self.__dict__, "bar": None}
+
+    def setup(self, stop=None, num_samples=None, total_num_samples=None, **info) -> None:
+        if console_open():
+            self.bar = progress_bar(total=total_num_samples, desc="trials", unit="trial")
+
+    def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+        value = result.get(self.metric)
+        if isinstance(value, (int, float)) and math.isfinite(value):
+            better = self.best is None or (value > self.best if self.mode == "max" else value < self.best)
+            self.best = value if better else self.best
+
+    def on_step_end(self, iteration, trials, **info) -> None:
+        if self.bar is None:
+            return
+        done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
+        shown = self.bar.postfix or ""
+        if self.best is not None and f"{self.best:.4g}" not in shown:
+            self.bar.set_postfix({f"best {self.metric}": f"{self.best:.4g}"}, refresh=done == self.bar.n)
+        if done != self.bar.n:
+            self.bar.update(done - self.bar.n)
+
+    def on_experiment_end(self, trials, **info) -> None:
+        self.on_step_end(0, trials)
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _check_resume(study: StudyFile, study_dir: Path, experiment: Path, resume: bool) -> dict:

@@ -39,7 +39,7 @@ from geneformer_ray.infer.encoder import (
     select_cells,
 )
 from geneformer_ray.infer.plots import plot_heatmap, plot_umap
-from geneformer_ray.runtime import actor_pool, actor_resources, plan_actor_pool
+from geneformer_ray.runtime import actor_pool, actor_resources, plan_actor_pool, tallied
 from geneformer_ray.tracking import log_output_folder
 
 OBSM_KEY = "X_geneformer"
@@ -49,13 +49,17 @@ class Embedder:
     """A model actor for ``Dataset.map_batches``: cell embeddings (with the batch's metadata) or, in
     gene mode, one row per gene token of every cell (summarised per gene afterwards)."""
 
-    def __init__(self, model_dir: str, plan: dict, layer: int, mode: str, batch_size: int):
+    def __init__(self, model_dir: str, plan: dict, layer: int, mode: str, batch_size: int, tally=None):
         self.encoder = CellEncoder(model_dir, layer=layer, plan=plan)
-        self.mode, self.batch_size = mode, batch_size
+        self.mode, self.batch_size, self.tally = mode, batch_size, tally
 
     def __call__(self, batch: dict):
-        if self.mode == "gene":
-            return self._gene_rows(batch)
+        rows = self._gene_rows(batch) if self.mode == "gene" else self._cell_rows(batch)
+        if self.tally is not None:
+            self.tally.add.remote(len(batch["cell_id"]))
+        return rows
+
+    def _cell_rows(self, batch: dict):
         embeddings = np.zeros((len(batch["cell_id"]), self.encoder.hidden_size), np.float32)
         for chunk in length_sorted_chunks(batch["length"], self.batch_size):
             embeddings[chunk] = self.encoder.cell_embeddings([batch["input_ids"][i] for i in chunk], self.mode)
@@ -96,23 +100,26 @@ def embed(cfg: EmbedConfig) -> dict:
     params = {"model": model_dir, "corpus": corpus, "layer": layer, "mode": mode, "vocab": vocab.name,
               "num_layers": config.num_hidden_layers, "max_cells": cfg.max_cells, "seed": cfg.seed}
     tmp = prepare_output(cfg.out, overwrite=cfg.overwrite)
+    expected = manifest["num_cells"] if cell_ids is None else len(cell_ids)
     try:
         columns = None if mode != "gene" else ["input_ids", "length", "cell_id"]
         rows = max(256, cfg.batch_size)
-        ds = read_cells_dataset(corpus, columns=columns, cell_ids=cell_ids, rows_per_block=rows).map_batches(
-            Embedder, fn_constructor_kwargs={"model_dir": model_dir, "plan": plan.to_dict(), "layer": layer, "mode": mode,
-                                             "batch_size": cfg.batch_size},
-            batch_size=rows, batch_format="numpy", compute=actor_pool(num_actors), **actor_resources(plan))
+        with tallied(total=expected, desc="embed") as tally:
+            ds = read_cells_dataset(corpus, columns=columns, cell_ids=cell_ids, rows_per_block=rows).map_batches(
+                Embedder, fn_constructor_kwargs={"model_dir": model_dir, "plan": plan.to_dict(), "layer": layer,
+                                                 "mode": mode, "batch_size": cfg.batch_size, "tally": tally},
+                batch_size=rows, batch_format="numpy", compute=actor_pool(num_actors), **actor_resources(plan))
+            if mode == "gene":
+                genes = ds.groupby("gene_token").map_groups(summarise_gene, batch_format="numpy").to_pandas()
+            else:
+                ds.write_parquet(str(tmp / "embeddings"))
         summary = {**params, "actors": num_actors, "device": plan.kind, "hidden_size": config.hidden_size}
         if mode == "gene":
-            genes = ds.groupby("gene_token").map_groups(summarise_gene, batch_format="numpy").to_pandas()
             table = _gene_table(genes, vocab)
             table.to_parquet(tmp / "gene_embeddings.parquet", index=False)
             summary.update({"genes": len(table), "cells": None if cell_ids is None else len(cell_ids)})
         else:
-            ds.write_parquet(str(tmp / "embeddings"))
             embeddings = read_embeddings(tmp / "embeddings", columns=["cell_id", *cfg.plot_columns])
-            expected = manifest["num_cells"] if cell_ids is None else len(cell_ids)
             if len(embeddings) != expected:
                 raise RuntimeError(f"embedded {len(embeddings):,} cells but expected {expected:,}")
             summary["cells"] = len(embeddings)

@@ -29,7 +29,6 @@ the plots, ``summary.json``.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,11 +38,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray.data
-from tqdm import tqdm
 
-from geneformer_ray.console import terminal
+from geneformer_ray.console import progress_bar
 from geneformer_ray.data.corpus import read_columns
-from geneformer_ray.files import write_json
+from geneformer_ray.files import clear_output, output_contents, write_json
 from geneformer_ray.infer.config import PerturbConfig
 from geneformer_ray.infer.embed import Embedder
 from geneformer_ray.infer.encoder import (
@@ -225,7 +223,7 @@ def _run(model_dir, cells, out: Path, plan, params: PerturbParams, states, *, ba
                                               "states": {k: v["embedding"] for k, v in (states or {}).items()}},
             batch_size=cells_per_batch, batch_format="numpy", compute=actor_pool(num_actors, one_block_at_a_time=True),
             **actor_resources(plan))
-        with tqdm(total=cells.num_rows, desc="perturbed cells", unit="cell", disable=not progress, file=terminal()) as bar:
+        with progress_bar(total=cells.num_rows, desc="perturbed cells", unit="cell", disable=not progress) as bar:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 bar.update(int(np.sum(batch["cells"])))
     finally:
@@ -251,11 +249,11 @@ def _open_output(out: Path, params: PerturbParams, overwrite: bool) -> dict:
     """A new folder, or the same run's folder to resume; anything else is refused (or, with
     ``overwrite``, replaced)."""
     state = out / "perturb.json"
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out} is a file; pass a folder")
-    if out.exists() and any(out.iterdir()):
+    if overwrite:
+        clear_output(out)
+    if output_contents(out):
         if not state.exists():
             raise ValueError(f"--out {out} is not empty and holds no perturbation run; choose another --out or pass --overwrite")
         saved = json.loads(state.read_text())

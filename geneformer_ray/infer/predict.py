@@ -25,7 +25,7 @@ from geneformer_ray.infer.config import PredictConfig
 from geneformer_ray.infer.encoder import length_sorted_chunks
 from geneformer_ray.models.folders import check_corpus_vocab, model_vocab, read_model_config
 from geneformer_ray.models.tasks import model_class
-from geneformer_ray.runtime import actor_device, actor_pool, actor_resources, autocast, pad_multiple, plan_actor_pool
+from geneformer_ray.runtime import actor_device, actor_pool, actor_resources, autocast, pad_multiple, plan_actor_pool, tallied
 from geneformer_ray.train.collate import pad_cells
 
 KINDS = {"BertForSequenceClassification": "cell", "BertForTokenClassification": "gene",
@@ -48,8 +48,9 @@ def model_kind(model_dir: str | Path) -> tuple[str, dict[str, list[str]]]:
 class Classifier:
     """A model actor for ``Dataset.map_batches``: loads the model once, predicts numpy batches."""
 
-    def __init__(self, model_dir: str, plan: dict, pad_id: int, batch_size: int):
+    def __init__(self, model_dir: str, plan: dict, pad_id: int, batch_size: int, tally=None):
         self.kind, self.heads = model_kind(model_dir)
+        self.tally = tally
         self.plan, self.pad_id, self.batch_size = plan, pad_id, batch_size
         self.device = actor_device(plan)
         self.pad_multiple = pad_multiple(plan)
@@ -65,6 +66,8 @@ class Classifier:
                 outputs = self.model(input_ids=torch.from_numpy(input_ids).to(self.device),
                                      attention_mask=torch.from_numpy(attention_mask).to(self.device))
                 parts.append(self._rows(outputs, batch["cell_id"][rows], input_ids))
+        if self.tally is not None:
+            self.tally.add.remote(len(batch["cell_id"]))
         return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
     def _rows(self, outputs, cell_ids, input_ids) -> dict:
@@ -98,25 +101,12 @@ def predict(cfg: PredictConfig) -> dict:
     check_corpus_vocab(config, manifest, corpus=corpus)
     vocab = model_vocab(config)
     plan, num_actors = plan_actor_pool(cfg.accelerator, cfg.num_actors)
-    batch_size = cfg.batch_size
     tmp = prepare_output(cfg.out, overwrite=cfg.overwrite)
     try:
-        ds = read_corpus(corpus, columns=["input_ids", "length", "cell_id"]).map_batches(
-            Classifier, fn_constructor_kwargs={"model_dir": model_dir, "plan": plan.to_dict(),
-                                               "pad_id": vocab.pad_id, "batch_size": batch_size},
-            batch_size=max(256, batch_size), batch_format="numpy", compute=actor_pool(num_actors),
-            **actor_resources(plan))
-        if kind == "gene":
-            sums = ["cells"] + [f"sum_prob_{n}" for n in heads["label"]]
-            per_gene = ds.groupby("gene_token").sum(sums).to_pandas()  # partial sums of every batch, added up
-            table = _per_gene(per_gene.rename(columns={f"sum({c})": c for c in sums}), heads["label"], vocab)
-            table.to_parquet(tmp / "gene_predictions.parquet", index=False)
-            rows = len(table)
-        else:
-            ds.write_parquet(str(tmp / "predictions"))
-            rows = sum(len(p) for p in _read_parts(tmp / "predictions"))
-            if rows != manifest["num_cells"]:
-                raise RuntimeError(f"predicted {rows:,} cells but the corpus has {manifest['num_cells']:,}")
+        with tallied(total=manifest["num_cells"], desc="predict") as tally:
+            rows = _predict_into(tmp, cfg, kind, heads, plan, num_actors, vocab, tally)
+        if kind != "gene" and rows != manifest["num_cells"]:
+            raise RuntimeError(f"predicted {rows:,} cells but the corpus has {manifest['num_cells']:,}")
         summary = {"model": model_dir, "corpus": corpus, "kind": kind,
                    "heads": heads, "rows": rows, "actors": num_actors, "device": plan.kind,
                    "seconds": round(time.perf_counter() - started, 1)}
@@ -126,6 +116,22 @@ def predict(cfg: PredictConfig) -> dict:
         raise
     summary["out"] = str(finalize_output(tmp, cfg.out))
     return summary
+
+
+def _predict_into(tmp: Path, cfg: PredictConfig, kind: str, heads: dict, plan, num_actors: int, vocab, tally) -> int:
+    """The predictions written into ``tmp``; returns the rows written (cells, or genes)."""
+    ds = read_corpus(cfg.corpus, columns=["input_ids", "length", "cell_id"]).map_batches(
+        Classifier, fn_constructor_kwargs={"model_dir": cfg.model, "plan": plan.to_dict(), "pad_id": vocab.pad_id,
+                                           "batch_size": cfg.batch_size, "tally": tally},
+        batch_size=max(256, cfg.batch_size), batch_format="numpy", compute=actor_pool(num_actors), **actor_resources(plan))
+    if kind == "gene":
+        sums = ["cells"] + [f"sum_prob_{n}" for n in heads["label"]]
+        per_gene = ds.groupby("gene_token").sum(sums).to_pandas()  # partial sums of every batch, added up
+        table = _per_gene(per_gene.rename(columns={f"sum({c})": c for c in sums}), heads["label"], vocab)
+        table.to_parquet(tmp / "gene_predictions.parquet", index=False)
+        return len(table)
+    ds.write_parquet(str(tmp / "predictions"))
+    return sum(len(p) for p in _read_parts(tmp / "predictions"))
 
 
 def _read_parts(folder: Path):

@@ -157,9 +157,13 @@ class FinetuneDataConfig(Settings):
     shuffle_buffer: int = 2048
     max_cells: int | None = None  # subsample the corpus (seeded) before splitting
     pad_to_multiple: int | None = None  # batch width rounded up to this; default 64 on CUDA/NPU, 1 on CPU
+    loader: str = "auto"  # memory: the splits' cells held by every worker | stream: Ray Data | auto: memory up to 20M tokens
 
     @model_validator(mode="after")
     def _check(self):
+        if self.loader not in ("auto", "memory", "stream"):
+            raise ValueError(f"data.loader={self.loader!r}: use auto, memory (the splits' cells held in memory by every "
+                             "worker) or stream (Ray Data)")
         _check_corpus(self.corpus)
         if self.batch_size < 1 or self.window_batches < 1:
             raise ValueError("data.batch_size and data.window_batches must be at least 1")

@@ -19,12 +19,15 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import ray.data
 import ray.train
 import torch
 from pydantic import Field
 
-from geneformer_ray.data.corpus import read_corpus, read_manifest
+from geneformer_ray.data.corpus import read_columns, read_corpus, read_manifest, shard_paths
 from geneformer_ray.data.vocab import load_vocab
 from geneformer_ray.files import write_json
 from geneformer_ray.models.attention import use_sparse_attention_dropout
@@ -41,11 +44,12 @@ from geneformer_ray.train.contract import config_terms, corpus_terms, keep_contr
 from geneformer_ray.train.loss import TaskLoss, write_test_evaluation
 from geneformer_ray.train.prepare import prepare_task
 from geneformer_ray.train.schedule import build_scheduler
-from geneformer_ray.train.task_batches import SplitBatches, predict_split
+from geneformer_ray.train.task_batches import MEMORY_TOKENS, SplitBatches, predict_split, split_rows
 
 
 # -- per worker ------------------------------------------------------------------------------------
 def train_loop_per_worker(config: dict) -> None:
+    memory = config.pop(MEMORY_KEY, None)  # object refs of the splits' rows (data.loader memory), not settings
     run = FinetuneRun.from_dict(config)
     cfg, task, plan = run.config, run.task, run.plan
     kind, heads = task.kind, task.heads
@@ -84,7 +88,7 @@ def train_loop_per_worker(config: dict) -> None:
     tracker = start_tracking(run.tracking_uri, experiment=cfg.tracking.experiment, run_name=run.run_name,
                              rank=ranks.rank, params=cfg.to_dict(), run_id=run_id, artifact_location=run.artifact_location,
                              tags=run.tracking_tags, metrics_file=Path(run.run_dir) / "metrics.jsonl")
-    splits = SplitBatches(cfg, kind, task.token_classes, plan, vocab, ranks, max_width=max_width)
+    splits = SplitBatches(cfg, kind, task.token_classes, plan, vocab, ranks, max_width=max_width, memory=memory)
     evaluate = partial(predict_split, model, splits, loss_fn, plan=plan, device=device, ranks=ranks)
     save = partial(_save_finetune_checkpoint, model=model, optimizer=optimizer, scheduler=scheduler, vocab=vocab,
                    progress=progress, run=run, run_id=tracker.run_id)
@@ -258,7 +262,7 @@ def fit_split(cfg: FinetuneConfig, plan: AcceleratorPlan, prepared: dict, split:
     run_dir = cfg.run_dir(run_name)
     run_dir.mkdir(parents=True, exist_ok=True)
     keep_contract(run_dir, finetune_terms(cfg, prepared, split))
-    datasets = _datasets(cfg, prepared, split)
+    datasets, memory = _split_data(cfg, split)
     steps_per_epoch = max(1, split["num_train"] // (cfg.data.batch_size * cfg.train.num_workers))
     total_steps = cfg.train.max_steps or steps_per_epoch * cfg.train.epochs
     per_epoch = cfg.train.evals_per_epoch
@@ -268,9 +272,10 @@ def fit_split(cfg: FinetuneConfig, plan: AcceleratorPlan, prepared: dict, split:
     run = FinetuneRun(config=cfg, task=task, plan=plan, vocab_name=prepared["vocab_name"], total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, eval_every=eval_every, run_name=run_name, run_dir=str(run_dir),
                       tracking_uri=cfg.tracking_uri(), artifact_location=cfg.artifact_location(), tracking_tags=tags,
-                      tracking_run_id=tracking_run_id, has_val="val" in datasets)
+                      tracking_run_id=tracking_run_id, has_val="val" in datasets or "val" in memory)
     with progress_from_metrics(run_dir / "metrics.jsonl", total=total_steps, desc="fine-tune"):
-        result = fit(train_loop_per_worker, run.to_dict(), datasets=datasets, datasets_to_split=["train"], plan=plan,
+        result = fit(train_loop_per_worker, {**run.to_dict(), MEMORY_KEY: memory}, datasets=datasets,
+                     datasets_to_split=["train"], plan=plan,
                      train_cfg=cfg.train, run_name=run_name, callbacks=callbacks)
     summary = {"checkpoint": result.checkpoint.path, "model": str(Path(result.checkpoint.path) / "model"),
                "metrics": dict(result.metrics), "evaluation": str(run_dir / "evaluation"),
@@ -294,30 +299,41 @@ def finetune_terms(cfg: FinetuneConfig, prepared: dict, split: dict) -> dict:
             "split.sizes": {k: int(v) for k, v in split["sizes"].items()}}
 
 
-def _datasets(cfg: FinetuneConfig, prepared: dict, split: dict) -> dict:
-    """Ray Datasets per split: the corpus rows of the split's cells with their label column."""
+MEMORY_KEY = "_memory_splits"
+
+
+def _split_data(cfg: FinetuneConfig, split: dict) -> tuple[dict, dict]:
+    """Each split's cells with their labels, for the workers: Ray Datasets streaming the corpus rows
+    (``data.loader: stream``), or the rows themselves in the object store (``memory``; ``auto`` when all
+    splits hold at most ``MEMORY_TOKENS`` tokens), which every worker reads without a Ray Data pass (each
+    pass costs seconds of start-up; a small run makes dozens of them)."""
+    parts = {name: labels for name, labels in split["cells"].items() if labels}
+    members = pa.array(sorted(set().union(*(labels.keys() for labels in parts.values()))), pa.string())
+    loader = cfg.data.loader
+    if loader == "auto":
+        table = read_columns(cfg.data.corpus, ["cell_id", "length"])
+        tokens = pc.sum(table.filter(pc.is_in(table.column("cell_id").cast(pa.string()), value_set=members))["length"])
+        loader = "memory" if (tokens.as_py() or 0) <= MEMORY_TOKENS else "stream"
+    if loader == "memory":
+        table = _member_rows(cfg.data.corpus, members)
+        rows = {"input_ids": table.column("input_ids").to_numpy(zero_copy_only=False),
+                "length": table.column("length").to_numpy(), "cell_id": np.array(table.column("cell_id").to_pylist(), dtype=object)}
+        return {}, {name: ray.put(split_rows(rows, labels)) for name, labels in parts.items()}
     datasets = {}
-    for name, labels in split["cells"].items():
-        if not labels:
-            continue
+    for name, labels in parts.items():
         ds = read_corpus(cfg.data.corpus, columns=["input_ids", "length", "cell_id"],
                          shuffle_seed=cfg.train.seed if name == "train" else None)
-        datasets[name] = ds.map_batches(_AttachLabels(labels), batch_format="numpy")
-    return datasets
+        datasets[name] = ds.map_batches(split_rows, fn_kwargs={"labels": labels}, batch_format="numpy")
+    return datasets, {}
 
 
-class _AttachLabels:
-    """Keep the split's cells and add their labels (int, or a row of ints for multitask)."""
-
-    def __init__(self, labels: dict):
-        self.labels = labels
-        self.shape = np.shape(next(iter(labels.values())))  # () or (tasks,)
-
-    def __call__(self, batch: dict) -> dict:
-        keep = np.array([c in self.labels for c in batch["cell_id"]], dtype=bool)
-        out = {k: v[keep] for k, v in batch.items()}
-        out["labels"] = np.array([self.labels[c] for c in out["cell_id"]], dtype=np.int64).reshape(-1, *self.shape)
-        return out
+def _member_rows(corpus, members: pa.Array) -> pa.Table:
+    """The corpus rows of these cells, read a shard at a time (a subsample of a large corpus stays small)."""
+    tables = []
+    for path in shard_paths(corpus):
+        table = pq.read_table(path, columns=["input_ids", "length", "cell_id"])
+        tables.append(table.filter(pc.is_in(table.column("cell_id").cast(pa.string()), value_set=members)))
+    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def format_finetune_summary(summary: dict) -> str:

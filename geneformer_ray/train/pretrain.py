@@ -334,7 +334,7 @@ def pretrain(cfg: PretrainConfig) -> dict:
         result = fit(train_loop_per_worker, run.to_dict(), datasets={}, datasets_to_split=[], plan=plan, train_cfg=cfg.train)
     model_dir = Path(result.checkpoint.path) / "model"
     summary = {"checkpoint": result.checkpoint.path, "model": str(model_dir), "metrics": dict(result.metrics),
-               "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),
+               "corpus": str(cfg.data.corpus), "loss_curve": str(run_dir / "loss_curve.png"), "metrics_file": str(run_dir / "metrics.jsonl"),
                "tracking_uri": cfg.tracking_uri(),
                "mlflow_run_id": result.metrics.get("mlflow_run_id"),
                "floors": {k: v for k, v in floors.items() if k != "log_frequencies"}}

@@ -1,7 +1,7 @@
 """A fine-tuning worker's data: each split's batches on this rank, and the predictions of a split gathered
 from every rank.
 
-    splits = SplitBatches(cfg, "cell", {}, plan, vocab, ranks, max_width=2048)
+    splits = SplitBatches(cfg, "cell", {}, plan, vocab, ranks, max_width=2048, memory=refs)
     for batch in splits.training(epoch): ...                    # length-grouped, shuffled, padded
     result = predict_split(model, splits, loss_fn, "val", plan=plan, device=device, ranks=ranks)
 """
@@ -22,19 +22,23 @@ from geneformer_ray.train.config import FinetuneConfig
 from geneformer_ray.train.loss import TaskLoss
 
 EVAL_CACHE_CELLS = 10_000  # per rank: a validation stripe up to this size is read once per run
+MEMORY_TOKENS = 20_000_000  # data.loader=auto: a run whose splits hold this many tokens or fewer is kept in memory
 
 
 class SplitBatches:
     """This rank's padded, length-grouped batches of each split of a fine-tuning run: training batches
     shuffled anew every epoch; evaluation batches from the rank's stripe of the split (a stable hash of the
     cell id, so every cell is predicted once), kept in memory after the first pass when small, since
-    validation runs many times and each new Ray Data pass costs seconds of start-up."""
+    validation runs many times and each new Ray Data pass costs seconds of start-up. ``memory``: the
+    splits' rows in the object store (``ray.put`` of ``split_rows``), read instead of Ray Data shards."""
 
-    def __init__(self, cfg: FinetuneConfig, task_kind: str, token_classes: dict, plan, vocab, ranks: Ranks, *, max_width: int):
+    def __init__(self, cfg: FinetuneConfig, task_kind: str, token_classes: dict, plan, vocab, ranks: Ranks, *,
+                 max_width: int, memory: dict | None = None):
         self.cfg, self.kind, self.ranks, self.max_width = cfg, task_kind, ranks, max_width
         self.pad_id, self.pad_multiple = vocab.pad_id, pad_multiple(plan, cfg.data.pad_to_multiple)
         self.token_labels = {name: _token_lookup(lookup, vocab.num_tokens) for name, lookup in token_classes.items()}
         self.cached: dict[str, list[dict]] = {}
+        self.memory = {name: ray.get(ref) for name, ref in (memory or {}).items()}
 
     def training(self, epoch: int):
         return self._batches("train", epoch, training=True)
@@ -55,15 +59,46 @@ class SplitBatches:
 
     def _batches(self, name: str, epoch: int, *, training: bool):
         data, ranks = self.cfg.data, self.ranks
+        seed = self.cfg.train.seed * 1000 + epoch
+        shard = ray.train.get_dataset_shard(name) if name not in self.memory else \
+            MemorySplit(self.memory[name], ranks.rank, ranks.world, seed=seed if training else None)
         for batch in iter_padded_batches(
-                ray.train.get_dataset_shard(name), pad_id=self.pad_id, batch_size=data.batch_size,
-                window_batches=data.window_batches, shuffle_buffer=data.shuffle_buffer if training else 0,
-                seed=self.cfg.train.seed * 1000 + epoch, columns=["cell_id"] + ([] if self.kind == "gene" else ["labels"]),
+                shard, pad_id=self.pad_id, batch_size=data.batch_size,
+                window_batches=data.window_batches, shuffle_buffer=data.shuffle_buffer if training else 0, seed=seed, columns=["cell_id"] + ([] if self.kind == "gene" else ["labels"]),
                 pad_to_multiple=self.pad_multiple, max_width=self.max_width,
                 keep=None if training else (lambda ids: _stripe(ids, ranks.rank, ranks.world))):
             if self.kind == "gene":
                 batch["labels"] = self.token_labels[name][batch["input_ids"]]  # (batch, seq): -100 except labelled genes
             yield batch
+
+
+class MemorySplit:
+    """One split's rows (numpy columns, as ``split_rows`` builds them) read like a Ray Data shard by
+    ``iter_padded_batches``. Training (``seed`` given): the rows in a fresh seeded order every epoch, dealt
+    to the ranks in turn (disjoint, equal counts within one cell); evaluation: every row (the caller keeps
+    the rank's stripe)."""
+
+    def __init__(self, rows: dict, rank: int, world: int, *, seed: int | None):
+        self.rows, self.rank, self.world, self.seed = rows, rank, world, seed
+
+    def iter_batches(self, *, batch_size: int, **_):
+        order = np.arange(len(self.rows["cell_id"]))
+        if self.seed is not None:
+            order = np.random.default_rng([self.seed, 0x5917]).permutation(order.size)[self.rank :: self.world]
+        for start in range(0, order.size, batch_size):
+            rows = order[start : start + batch_size]
+            yield {k: v[rows] for k, v in self.rows.items()}
+
+
+def split_rows(corpus_rows: dict, labels: dict) -> dict:
+    """The corpus rows (numpy columns input_ids, length, cell_id) of one split's cells, with their labels
+    (an int, or a row of ints for multitask): what ``MemorySplit`` reads, and what Ray Data's
+    ``map_batches`` adds to each streamed block."""
+    keep = np.fromiter((c in labels for c in corpus_rows["cell_id"]), dtype=bool, count=len(corpus_rows["cell_id"]))
+    rows = {k: v[keep] for k, v in corpus_rows.items()}
+    shape = np.shape(next(iter(labels.values()))) if labels else ()
+    rows["labels"] = np.array([labels[c] for c in rows["cell_id"]], dtype=np.int64).reshape(-1, *shape)
+    return rows
 
 
 def predict_split(model, splits: SplitBatches, loss_fn: TaskLoss, name: str, *, plan, device, ranks: Ranks) -> dict:
