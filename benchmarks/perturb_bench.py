@@ -242,13 +242,10 @@ def agreement(peer: dict, ours: dict) -> dict:
 
 
 def bf16_support(device: str) -> tuple[bool, str]:
-    """Whether bf16 is worth measuring here: GPUs and NPUs have bf16 units; a CPU needs AVX512-BF16 or AMX."""
-    if device != "cpu":
-        return True, device
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    found = [f for f in ("avx512_bf16", "amx_bf16") if f in flags]
-    return (bool(found), f"CPU flags {found}" if found else "this CPU has no bf16 units (no avx512_bf16 / amx_bf16): "
-            "bf16 would run emulated, slower than fp32")
+    """Whether bf16 is worth measuring here: GPUs and NPUs have bf16 units; a CPU needs them too."""
+    from geneformer_ray.runtime import cpu_bf16
+
+    return (True, device) if device != "cpu" else cpu_bf16()
 
 
 def flops_per_token(config, length: float, *, head: bool) -> float:

@@ -20,6 +20,7 @@ import os
 import sys
 import threading
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -91,6 +92,15 @@ def terminal():
 
 def console_open() -> bool:
     return bool(_active)
+
+
+def notice(text: str) -> None:
+    """A warning a person must see: on the terminal while a quiet console is open (warnings otherwise go
+    to the log), a ``UserWarning`` elsewhere."""
+    if _active:
+        _active[-1].error(f"warning: {text}")
+    else:
+        warnings.warn(text, UserWarning, stacklevel=3)
 
 
 def progress_bar(*, total: int | None, desc: str, unit: str, disable: bool = False) -> tqdm:

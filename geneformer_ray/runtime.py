@@ -16,13 +16,15 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import time
+from pathlib import Path
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 
 import ray
 from pydantic import ConfigDict, Field, model_validator
 
-from geneformer_ray.console import console_open, progress_from_count
+from geneformer_ray.console import console_open, notice, progress_from_count
 from geneformer_ray.settings import Settings
 
 # torch and Ray Train/Data are imported inside the functions that use them: the tokenize tasks and the
@@ -107,12 +109,59 @@ def plan_accelerator(config: AcceleratorConfig, cluster_resources: dict[str, flo
                 f"raise accelerator.timeout_s above {slowest}"
             )
     precision = config.precision if config.precision != "auto" else ("fp32" if kind == "cpu" else "bf16")
+    if kind == "cpu" and precision == "bf16":
+        _warn_cpu_bf16()
     return AcceleratorPlan(
         kind=kind, backend=BACKENDS[kind], resource=resource, cpus_per_worker=config.cpus_per_worker,
         autocast_dtype="bfloat16" if precision == "bf16" else None, timeout_s=config.timeout_s, env=env,
         ray_sets_visible_devices=kind == "cuda" or resource == "NPU",
         extra_resources={k: float(v) for k, v in config.worker_resources.items()},
     )
+
+
+CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")  # x86 AVX512-BF16 and AMX; Arm's BF16 extension (Features)
+
+
+def cpu_bf16(cpuinfo: str | None = None) -> tuple[bool, str]:
+    """Whether this CPU computes bf16 natively, and why: ``/proc/cpuinfo``'s flags (``cpuinfo`` replaces its
+    text). Without bf16 units torch emulates bf16 and a matmul runs hundreds of times slower than in fp32
+    (an AVX2-only EPYC: 0.3 GFLOP/s against 171 GFLOP/s at 2048^3, measured 2026-12-04)."""
+    if cpuinfo is None:
+        cpuinfo = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = {f for line in cpuinfo.splitlines() if line.split(":")[0].strip() in ("flags", "Features")
+             for f in line.split(":", 1)[-1].split()}
+    found = [f for f in CPU_BF16_FLAGS if f in flags]
+    if found:
+        return True, f"CPU flags {found}"
+    return False, ("this CPU has no bf16 units (no avx512_bf16 / amx_bf16 / bf16 flag in /proc/cpuinfo): bf16 runs "
+                   "emulated, far slower than fp32")
+
+
+def measure_matmul(dtype: str, size: int = 256, repeats: int = 3) -> float:
+    """GFLOP/s of a ``size``^3 matmul on this CPU in ``dtype`` (the best of ``repeats``)."""
+    import torch
+
+    a = torch.randn(size, size).to(getattr(torch, dtype))
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ a
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+_warned_cpu_bf16: list[str] = []
+
+
+def _warn_cpu_bf16() -> None:
+    """Once per process: ``accelerator.precision: bf16`` on a CPU without bf16 units, with the rates measured here."""
+    supported, why = cpu_bf16()
+    if supported or _warned_cpu_bf16:
+        return
+    rates = f"a 256^3 matmul runs at {measure_matmul('bfloat16'):.1f} GFLOP/s in bf16 against {measure_matmul('float32'):.1f} in fp32"
+    _warned_cpu_bf16.append(f"accelerator.precision=bf16 on a CPU: {why}; {rates} here. Use accelerator.precision=fp32 "
+                            "(auto is fp32 on CPUs)")
+    notice(_warned_cpu_bf16[0])
 
 
 def scaling_kwargs(plan: AcceleratorPlan, num_workers: int, *, placement_strategy: str = "PACK") -> dict:

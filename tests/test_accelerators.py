@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from geneformer_ray import runtime as acc
@@ -117,3 +119,30 @@ def test_inference_actor_resources_and_device(monkeypatch):
     with pytest.raises(RuntimeError, match="cannot import torch_npu"):  # the seam is crossed before any NPU call
         acc.actor_device(npu)
     assert calls == [("cuda", 0)]
+
+
+AVX2_CPUINFO = "processor\t: 0\nflags\t\t: fpu sse2 avx avx2 fma\n"
+BF16_CPUINFO = "processor\t: 0\nflags\t\t: fpu avx2 avx512f avx512_bf16\n"
+ARM_CPUINFO = "processor\t: 0\nFeatures\t: fp asimd sve bf16 i8mm\n"
+
+
+def test_cpu_bf16_is_read_from_the_cpu_flags_and_bf16_on_a_cpu_without_them_warns_once(monkeypatch):
+    import warnings
+
+    from geneformer_ray import runtime
+
+    assert runtime.cpu_bf16(BF16_CPUINFO) == (True, "CPU flags ['avx512_bf16']")
+    assert runtime.cpu_bf16(ARM_CPUINFO)[0] and not runtime.cpu_bf16(AVX2_CPUINFO)[0]
+    assert "no bf16 units" in runtime.cpu_bf16(AVX2_CPUINFO)[1]
+    monkeypatch.setattr(runtime, "cpu_bf16", lambda cpuinfo=None: (False, "this CPU has no bf16 units (test)"))
+    monkeypatch.setattr(runtime, "_warned_cpu_bf16", [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = plan_accelerator(AcceleratorConfig(type="cpu", precision="bf16"), {"CPU": 4})
+        plan_accelerator(AcceleratorConfig(type="cpu", precision="bf16"), {"CPU": 4})
+        plan_accelerator(AcceleratorConfig(type="cpu"), {"CPU": 4})  # auto: fp32 on CPUs, nothing to say
+    assert plan.autocast_dtype == "bfloat16"  # what was asked for, with the warning
+    (warning,) = caught
+    assert re.search(r"accelerator.precision=bf16 on a CPU: this CPU has no bf16 units \(test\); a 256\^3 matmul runs "
+                     r"at [\d.]+ GFLOP/s in bf16 against [\d.]+ in fp32 here. Use accelerator.precision=fp32", str(warning.message))
+    assert plan_accelerator(AcceleratorConfig(type="cpu"), {"CPU": 4}).autocast_dtype is None

@@ -75,3 +75,17 @@ def test_progress_bar_follows_the_metrics_file_as_it_grows(tmp_path, capfd):
     with progress_from_metrics(metrics, total=40, desc="pretrain"):  # no console open: no bar (step lines show)
         pass
     assert capfd.readouterr().err == ""
+
+
+def test_a_notice_reaches_the_terminal_through_a_quiet_console(tmp_path, capfd):
+    import warnings
+
+    from geneformer_ray.console import notice
+
+    with QuietConsole(tmp_path / "cmd.log"):
+        notice("bf16 runs emulated here")
+    assert capfd.readouterr().err == "warning: bf16 runs emulated here\n"
+    with warnings.catch_warnings(record=True) as caught:  # no console (a notebook): a UserWarning
+        warnings.simplefilter("always")
+        notice("bf16 runs emulated here")
+    assert [str(w.message) for w in caught] == ["bf16 runs emulated here"]
