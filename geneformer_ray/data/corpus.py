@@ -250,10 +250,18 @@ def read_corpus(corpus: str | Path, *, vocab: Vocabulary | str | None = None, co
     return ds.select_columns(columns) if columns else ds
 
 
-def read_columns(corpus: str | Path, columns: list[str]):
-    """Some columns of every shard as one pyarrow Table, in corpus order (driver-side label work)."""
+def read_columns(corpus: str | Path, columns: list[str], *, cell_ids=None):
+    """Some columns of every shard as one pyarrow Table, in corpus order (driver-side label work);
+    ``cell_ids``: only these cells, kept shard by shard (a subset of a large corpus stays small)."""
     tables = [pq.read_table(p, columns=columns) for p in shard_paths(corpus)]
+    if cell_ids is not None:
+        tables = [keep_cells(t, cell_ids) for t in tables]
     return pa.concat_tables(tables, promote_options="permissive") if len(tables) > 1 else tables[0]
+
+
+def keep_cells(table: pa.Table, cell_ids) -> pa.Table:
+    """The rows of ``table`` whose cell_id is one of ``cell_ids``."""
+    return table.filter(pc.is_in(table.column("cell_id").cast(pa.string()), value_set=pa.array(list(cell_ids), pa.string())))
 
 
 def keep_top_genes(table: pa.Table, max_genes: int) -> pa.Table:

@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
 import transformers
 from transformers import BertModel
 
-from geneformer_ray.data.corpus import read_columns, read_corpus, read_manifest, shard_paths
+from geneformer_ray.data.corpus import keep_cells, read_columns, read_corpus, read_manifest, shard_paths
 from geneformer_ray.models.folders import check_corpus_vocab, load_model, model_vocab, read_model_config
 from geneformer_ray.runtime import AcceleratorConfig, actor_device, autocast, pad_multiple, plan_accelerator
 from geneformer_ray.train.collate import pad_cells
@@ -103,12 +102,8 @@ def read_cells_dataset(corpus, *, columns: list[str] | None = None, cell_ids: li
     model actor gets work (a shard is one block otherwise)."""
     ds = read_corpus(corpus, columns=columns)
     if cell_ids is not None:
-        ds = ds.map_batches(_keep_cells, fn_kwargs={"keep": list(cell_ids)}, batch_format="pyarrow", batch_size=None)
+        ds = ds.map_batches(keep_cells, fn_kwargs={"cell_ids": list(cell_ids)}, batch_format="pyarrow", batch_size=None)
     return ds.repartition(target_num_rows_per_block=rows_per_block)
-
-
-def _keep_cells(table, keep: list[str]):
-    return table.filter(pc.is_in(table.column("cell_id"), value_set=pa.array(keep, pa.string())))
 
 
 def select_cells(corpus: str | Path, *, max_cells: int | None = None, where: tuple[str, str] | None = None,

@@ -19,15 +19,13 @@ from functools import partial
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import ray.data
 import ray.train
 import torch
 from pydantic import Field
 
-from geneformer_ray.data.corpus import read_columns, read_corpus, read_manifest, shard_paths
+from geneformer_ray.data.corpus import read_columns, read_corpus, read_manifest
 from geneformer_ray.data.vocab import load_vocab
 from geneformer_ray.files import write_json
 from geneformer_ray.models.attention import use_sparse_attention_dropout
@@ -308,14 +306,13 @@ def _split_data(cfg: FinetuneConfig, split: dict) -> tuple[dict, dict]:
     splits hold at most ``MEMORY_TOKENS`` tokens), which every worker reads without a Ray Data pass (each
     pass costs seconds of start-up; a small run makes dozens of them)."""
     parts = {name: labels for name, labels in split["cells"].items() if labels}
-    members = pa.array(sorted(set().union(*(labels.keys() for labels in parts.values()))), pa.string())
+    members = sorted(set().union(*(labels.keys() for labels in parts.values())))
     loader = cfg.data.loader
     if loader == "auto":
-        table = read_columns(cfg.data.corpus, ["cell_id", "length"])
-        tokens = pc.sum(table.filter(pc.is_in(table.column("cell_id").cast(pa.string()), value_set=members))["length"])
-        loader = "memory" if (tokens.as_py() or 0) <= MEMORY_TOKENS else "stream"
+        tokens = pc.sum(read_columns(cfg.data.corpus, ["cell_id", "length"], cell_ids=members)["length"]).as_py() or 0
+        loader = "memory" if tokens <= MEMORY_TOKENS else "stream"
     if loader == "memory":
-        table = _member_rows(cfg.data.corpus, members)
+        table = read_columns(cfg.data.corpus, ["input_ids", "length", "cell_id"], cell_ids=members)
         rows = {"input_ids": table.column("input_ids").to_numpy(zero_copy_only=False),
                 "length": table.column("length").to_numpy(), "cell_id": np.array(table.column("cell_id").to_pylist(), dtype=object)}
         return {}, {name: ray.put(split_rows(rows, labels)) for name, labels in parts.items()}
@@ -325,15 +322,6 @@ def _split_data(cfg: FinetuneConfig, split: dict) -> tuple[dict, dict]:
                          shuffle_seed=cfg.train.seed if name == "train" else None)
         datasets[name] = ds.map_batches(split_rows, fn_kwargs={"labels": labels}, batch_format="numpy")
     return datasets, {}
-
-
-def _member_rows(corpus, members: pa.Array) -> pa.Table:
-    """The corpus rows of these cells, read a shard at a time (a subsample of a large corpus stays small)."""
-    tables = []
-    for path in shard_paths(corpus):
-        table = pq.read_table(path, columns=["input_ids", "length", "cell_id"])
-        tables.append(table.filter(pc.is_in(table.column("cell_id").cast(pa.string()), value_set=members)))
-    return pa.concat_tables(tables, promote_options="permissive")
 
 
 def format_finetune_summary(summary: dict) -> str:
