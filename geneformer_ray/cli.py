@@ -100,7 +100,7 @@ def _embed(args) -> int:
     return _calmly(args, Path(args.out).absolute() / "embed.log", lambda: gr.embed(
         args.model, args.corpus, args.out, layer=args.layer, mode=args.mode, max_cells=args.max_cells, seed=args.seed,
         h5ad=args.h5ad, adata_path=args.adata, color=args.color, heatmap_by=args.heatmap_by or (args.color[0] if args.color else None),
-        **_tracking_options(args), **_actor_options(args)).describe())
+        packing=args.packing, **_tracking_options(args), **_actor_options(args)).describe())
 
 
 def _perturb(args) -> int:
@@ -273,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adata", default=None, help="the .h5ad to copy (default: the corpus' own source file); implies --h5ad")
     p.add_argument("--color", action="append", default=[], metavar="COLUMN", help="UMAP coloured by this column (repeatable)")
     p.add_argument("--heatmap-by", default=None, metavar="COLUMN", help="heatmap grouped by this column (default: the first --color)")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="cell modes: a batch's cells end to end in one row, attention within each (auto: on)")
     _inference_args(p, default_batch=32, experiment="geneformer-embed")
     _verbose_arg(p)
     p.set_defaults(func=_embed)

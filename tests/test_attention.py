@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import BertForMaskedLM
 
-from geneformer_ray.models.attention import attention_forward, dropped_positions, sparse_dropout, use_sparse_attention_dropout
+from geneformer_ray.models.attention import attention_forward, dropped_positions, sparse_dropout, use_geneformer_attention
 from geneformer_ray.models.flavours import build_model
 from geneformer_ray.models.folders import save_model
 
@@ -60,6 +60,7 @@ def test_attention_forward_equals_a_hand_computation_with_the_same_dropped_posit
     keys_real = torch.arange(seq)[None, :] < lengths[:, None]  # (batch, seq)
     mask = keys_real[:, None, None, :].expand(batch, 1, seq, seq)  # True = attend, as transformers' sdpa_mask
     module = torch.nn.Module().train()
+    module.sparse_dropout = True  # as use_geneformer_attention marks BERT's self-attention modules
     torch.manual_seed(42)
     out, _ = attention_forward(module, q, k, v, mask, dropout=p, scaling=dim**-0.5)
     torch.manual_seed(42)
@@ -78,7 +79,7 @@ def test_model_switch_keeps_evaluation_identical_and_saved_models_stock(tmp_path
     ids = torch.tensor([[2, 500, 600, 0, 0], [2, 700, 800, 900, 1000]])
     attention_mask = (ids != 0).long()
     before = model(input_ids=ids, attention_mask=attention_mask).logits
-    use_sparse_attention_dropout(model)
+    use_geneformer_attention(model)
     after = model(input_ids=ids, attention_mask=attention_mask).logits
     assert torch.allclose(before, after, atol=1e-5)
     model.train()
@@ -88,5 +89,6 @@ def test_model_switch_keeps_evaluation_identical_and_saved_models_stock(tmp_path
     assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
     save_model(model, tmp_path / "m", vocab="gc30M")
     assert "sparse_dropout" not in (tmp_path / "m" / "config.json").read_text()
+    assert "geneformer\"" not in (tmp_path / "m" / "config.json").read_text()  # no attention implementation saved
     reloaded = BertForMaskedLM.from_pretrained(tmp_path / "m").eval()
     assert torch.allclose(reloaded(input_ids=ids, attention_mask=attention_mask).logits, before, atol=1e-5)

@@ -87,3 +87,18 @@ def test_masked_only_head_equals_the_full_head_loss():
     ours = MaskedGeneObjective(model)(ids, attention, labels)
     full = F.cross_entropy(model(input_ids=ids, attention_mask=attention).logits.view(-1, 25_426), labels.view(-1))
     torch.testing.assert_close(ours, full)
+
+
+@pytest.mark.parametrize("flavour, published", [("gf-6L-10M", "Geneformer-V1-10M"), ("gf-12L-104M", "Geneformer-V2-104M"),
+                                                ("gf-18L-316M", "Geneformer-V2-316M")])
+def test_short_flavour_names_build_the_published_configs(flavour, published):
+    """Every architecture setting of the authors' config.json (../shared/geneformer/published_configs)."""
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[2] / "shared" / "geneformer" / "published_configs" / published
+    theirs = json.loads((folder / "config.json").read_text())
+    ours = bert_config(flavour).to_dict()
+    for key, value in theirs.items():
+        if key not in ("architectures", "transformers_version", "torch_dtype", "use_cache", "classifier_dropout",
+                       "gradient_checkpointing"):  # run-time switches, not the architecture
+            assert ours[key] == value, (flavour, key)

@@ -9,10 +9,11 @@ and the corpus (vocabulary, layers, columns) run in each stage before any actor 
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from geneformer_ray.infer.perturb_plan import EMB_MODES as PERTURB_MODES
 from geneformer_ray.infer.perturb_plan import KINDS, MEASURES
+from geneformer_ray.models.packing import ON_OFF, on_off
 from geneformer_ray.runtime import AcceleratorConfig
 from geneformer_ray.settings import AbsolutePath, Settings
 
@@ -67,11 +68,16 @@ class EmbedConfig(TrackedInferConfig):
     adata_path: AbsolutePath | None = None  # the .h5ad to copy (default: the corpus' single .h5ad source)
     color: list[str] = Field(default_factory=list)  # UMAP plots coloured by these corpus columns
     heatmap_by: str | None = None  # heatmap of embedding dimensions, cells grouped by this column
+    packing: str = "auto"  # auto | on | off: cell embeddings from packed rows (attention within each cell)
+
+    _packing_words = field_validator("packing", mode="before")(classmethod(lambda cls, value: on_off(value)))
 
     @model_validator(mode="after")
     def _check(self):
         if self.mode not in EMBED_MODES:
             raise ValueError(f"--mode {self.mode!r}: use {', '.join(EMBED_MODES)}")
+        if self.packing not in ON_OFF:
+            raise ValueError(f"--packing {self.packing!r}: use {', '.join(ON_OFF)}")
         if self.mode == "gene" and (self.plot_columns or self.h5ad or self.adata_path):
             raise ValueError("--color, --heatmap-by and --h5ad are for cell embeddings; drop them with --mode gene")
         return self

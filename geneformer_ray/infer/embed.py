@@ -39,6 +39,7 @@ from geneformer_ray.infer.encoder import (
     select_cells,
 )
 from geneformer_ray.infer.plots import plot_heatmap, plot_umap
+from geneformer_ray.models.packing import packing_enabled
 from geneformer_ray.runtime import actor_pool, actor_resources, plan_actor_pool, tallied
 from geneformer_ray.tracking import log_output_folder
 
@@ -49,8 +50,9 @@ class Embedder:
     """A model actor for ``Dataset.map_batches``: cell embeddings (with the batch's metadata) or, in
     gene mode, one row per gene token of every cell (summarised per gene afterwards)."""
 
-    def __init__(self, model_dir: str, plan: dict, layer: int, mode: str, batch_size: int, tally=None):
-        self.encoder = CellEncoder(model_dir, layer=layer, plan=plan)
+    def __init__(self, model_dir: str, plan: dict, layer: int, mode: str, batch_size: int, tally=None,
+                 packing: bool = False):
+        self.encoder = CellEncoder(model_dir, layer=layer, plan=plan, packing=packing and mode != "gene")
         self.mode, self.batch_size, self.tally = mode, batch_size, tally
 
     def __call__(self, batch: dict):
@@ -97,7 +99,8 @@ def embed(cfg: EmbedConfig) -> dict:
     cell_ids = select_cells(corpus, max_cells=cfg.max_cells, seed=cfg.seed)
 
     plan, num_actors = plan_actor_pool(cfg.accelerator, cfg.num_actors)
-    params = {"model": model_dir, "corpus": corpus, "layer": layer, "mode": mode, "vocab": vocab.name,
+    packing = packing_enabled(cfg.packing) and mode != "gene"  # gene mode reads every token's state: padded batches
+    params = {"model": model_dir, "corpus": corpus, "layer": layer, "mode": mode, "vocab": vocab.name, "packing": packing,
               "num_layers": config.num_hidden_layers, "max_cells": cfg.max_cells, "seed": cfg.seed}
     tmp = prepare_output(cfg.out, overwrite=cfg.overwrite)
     expected = manifest["num_cells"] if cell_ids is None else len(cell_ids)
@@ -107,7 +110,8 @@ def embed(cfg: EmbedConfig) -> dict:
         with tallied(total=expected, desc="embed") as tally:
             ds = read_cells_dataset(corpus, columns=columns, cell_ids=cell_ids, rows_per_block=rows).map_batches(
                 Embedder, fn_constructor_kwargs={"model_dir": model_dir, "plan": plan.to_dict(), "layer": layer,
-                                                 "mode": mode, "batch_size": cfg.batch_size, "tally": tally},
+                                                 "mode": mode, "batch_size": cfg.batch_size, "tally": tally,
+                                                 "packing": packing},
                 batch_size=rows, batch_format="numpy", compute=actor_pool(num_actors), **actor_resources(plan))
             if mode == "gene":
                 genes = ds.groupby("gene_token").map_groups(summarise_gene, batch_format="numpy").to_pandas()

@@ -18,9 +18,11 @@ import transformers
 from transformers import BertModel
 
 from geneformer_ray.data.corpus import keep_cells, read_columns, read_corpus, read_manifest, shard_paths
+from geneformer_ray.models.attention import use_geneformer_attention
 from geneformer_ray.models.folders import check_corpus_vocab, load_model, model_vocab, read_model_config
+from geneformer_ray.models.packing import packed_hidden, segment_mean
 from geneformer_ray.runtime import AcceleratorConfig, actor_device, autocast, pad_multiple, plan_accelerator
-from geneformer_ray.train.collate import pad_cells
+from geneformer_ray.train.collate import pack_cells, pad_cells
 
 
 def hidden_state_index(layer: int, num_layers: int) -> int:
@@ -37,7 +39,7 @@ class CellEncoder:
     Used inside model actors (embedding, perturbation) and by the benchmarks' single-process peer.
     """
 
-    def __init__(self, model_dir: str | Path, *, layer: int = -1, plan=None):
+    def __init__(self, model_dir: str | Path, *, layer: int = -1, plan=None, packing: bool = False):
         transformers.logging.set_verbosity_error()  # the head weights left unused are expected here
         self.plan = plan or plan_accelerator(AcceleratorConfig(type="cpu"), {}).to_dict()
         model, self.vocab = load_model(model_dir, model_class=BertModel, add_pooling_layer=False)
@@ -49,6 +51,9 @@ class CellEncoder:
         self.pad_multiple = pad_multiple(self.plan)
         self.max_width = model.config.max_position_embeddings
         self.hidden_size = model.config.hidden_size
+        self.packing = packing  # cell_embeddings on packed rows (geneformer_ray.models.packing)
+        if packing:
+            use_geneformer_attention(model, sparse_dropout=False)
 
     def states(self, cells: list[np.ndarray]):
         """Token states (batch, width, hidden) as float32, the gene-token mask (batch, width) and the ids."""
@@ -78,11 +83,26 @@ class CellEncoder:
 
     def cell_embeddings(self, cells: list[np.ndarray], mode: str = "mean") -> np.ndarray:
         """(batch, hidden) float32: the mean of gene-token states, or the <cls> state."""
+        if self.packing:
+            return self.packed_embeddings(cells, mode)
         hidden, genes, _ = self.states(cells)
         if mode == "cls":
             return hidden[:, 0].cpu().numpy()
         with torch.inference_mode():
             return mean_pool(hidden, genes).cpu().numpy()
+
+    def packed_embeddings(self, cells: list[np.ndarray], mode: str = "mean") -> np.ndarray:
+        """``cell_embeddings`` from one packed row: no padding on any layer, attention within each cell."""
+        row = pack_cells(cells, pad_id=self.vocab.pad_id, multiple=self.pad_multiple)
+        ids, positions = self.to_device(row["input_ids"]), self.to_device(row["position_ids"])
+        offsets = row["cu_seqlens"]
+        with torch.inference_mode(), autocast(self.plan, self.device):
+            hidden = packed_hidden(self.model, ids, positions, offsets)[0].float()  # (tokens, hidden)
+        with torch.inference_mode():
+            if mode == "cls":
+                return hidden[torch.as_tensor(offsets[: len(cells)], dtype=torch.long, device=hidden.device)].cpu().numpy()
+            genes = self.to_device(row["attention_mask"][0]).bool() & ~torch.isin(ids[0], self.special_ids)
+            return segment_mean(hidden, offsets, genes)[: len(cells)].cpu().numpy()
 
 
 def mean_pool(hidden, genes):

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
+from geneformer_ray.models.packing import packed_hidden
 
 VOCAB_NAME_KEY = "geneformer_vocab_name"
 VOCAB_HASH_KEY = "geneformer_vocab_sha256"
@@ -46,6 +47,9 @@ FLAVOURS: dict[str, Flavour] = {
     "gf-12L-104M-i4096": Flavour("gc104M", 12, 768, 12, 3072, 0.1),
     "gf-18L-316M-i4096": Flavour("gc104M", 18, 1152, 18, 4608, 0.1),
 }
+# the published models by their short names (Geneformer-V1-10M, -V2-104M, -V2-316M)
+FLAVOURS.update({"gf-6L-10M": FLAVOURS["gf-6L-10M-i2048"], "gf-12L-104M": FLAVOURS["gf-12L-104M-i4096"],
+                 "gf-18L-316M": FLAVOURS["gf-18L-316M-i4096"]})
 
 
 def bert_config(flavour: str, vocab: Vocabulary | str | None = None, **overrides):
@@ -76,6 +80,17 @@ def build_model(flavour: str, vocab: Vocabulary | str | None = None, *, seed: in
     return BertForMaskedLM(config)
 
 
+def checkpoint_activations(model) -> None:
+    """Activation checkpointing (in place): each layer keeps only its input and recomputes the rest in the
+    backward pass: activation memory per layer drops from ~34 values per token and width to ~2, for about a
+    third more compute. Non-reentrant, so packed rows' keyword arguments pass through."""
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5.2; the older name before
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def count_parameters(model: torch.nn.Module) -> int:
     """Distinct parameters (tied embedding/decoder weights counted once)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
@@ -94,8 +109,14 @@ class MaskedGeneObjective(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (batch, seq, hidden)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
+                position_ids: torch.Tensor | None = None, cu_seqlens=None) -> torch.Tensor:
+        """Padded batch: (batch, seq) ids and mask. Packed row (``cu_seqlens`` given, host offsets of its
+        cells): (1, tokens) ids and position ids, the mask unused (``geneformer_ray.models.packing``)."""
+        if cu_seqlens is None:
+            hidden = self.model.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            hidden = packed_hidden(self.model.bert, input_ids, position_ids, cu_seqlens)
         masked = labels != -100  # (batch, seq)
         logits = self.model.cls(hidden[masked])  # (n_masked, vocab)
         return F.cross_entropy(logits.float(), labels[masked])

@@ -73,6 +73,66 @@ def pad_cells(cells: list[np.ndarray], *, pad_id: int = 0, multiple: int = 1,
     return input_ids, attention_mask
 
 
+def packed_batches(lengths: np.ndarray, *, batch_size: int | None = None, max_tokens: int | None = None) -> list[np.ndarray]:
+    """Indices of batches for packed rows, in the order given (already shuffled upstream): ``batch_size``
+    cells per batch, or as many cells as fit ``max_tokens`` real tokens (no padding to pay for, so no length
+    grouping: every batch is a random draw of cells)."""
+    if (batch_size is None) == (max_tokens is None):
+        raise ValueError("give exactly one of batch_size and max_tokens")
+    lengths = np.asarray(lengths)
+    if batch_size is not None:
+        return [np.arange(i, min(i + batch_size, lengths.size)) for i in range(0, lengths.size, batch_size)]
+    if lengths.size and lengths.max() > max_tokens:
+        raise ValueError(f"max_tokens={max_tokens} is below the longest cell ({lengths.max()} tokens); raise it")
+    batches, begin, total = [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if total + n > max_tokens:
+            batches.append(np.arange(begin, i))
+            begin, total = i, 0
+        total += n
+    if begin < lengths.size:
+        batches.append(np.arange(begin, lengths.size))
+    return batches
+
+
+def pack_cells(cells: list[np.ndarray], *, pad_id: int = 0, multiple: int = 1) -> dict:
+    """One packed row: {"input_ids": (1, tokens), "position_ids": (1, tokens) restarting at 0 for each cell,
+    "attention_mask": (1, tokens) 1 on real tokens, "cu_seqlens": (segments + 1,) int32 offsets, "num_cells"}.
+    The row is rounded up to ``multiple`` tokens (a bounded set of shapes on GPU/NPU); the padding tail is a
+    segment of its own, so every token belongs to one and attention never mixes it with a cell."""
+    lengths = np.array([len(c) for c in cells], dtype=np.int64)
+    real = int(lengths.sum())
+    width = -(-real // multiple) * multiple
+    tail = width - real
+    segments = np.append(lengths, tail) if tail else lengths
+    offsets = np.zeros(segments.size + 1, dtype=np.int32)
+    np.cumsum(segments, out=offsets[1:])
+    input_ids = np.full(width, pad_id, dtype=np.int64)
+    input_ids[:real] = np.concatenate(cells) if cells else []
+    starts = np.repeat(offsets[:-1].astype(np.int64), segments)
+    position_ids = np.arange(width, dtype=np.int64) - starts
+    attention_mask = np.zeros(width, dtype=np.int64)
+    attention_mask[:real] = 1
+    return {"input_ids": input_ids[None], "position_ids": position_ids[None], "attention_mask": attention_mask[None],
+            "cu_seqlens": offsets, "num_cells": len(cells)}
+
+
+def cell_batches(cells, lengths: np.ndarray, rng: np.random.Generator, *, pad_id: int, batch_size: int | None,
+                 max_tokens: int | None, window_batches: int, packing: bool = False, pad_to_multiple: int = 1,
+                 max_width: int | None = None):
+    """(batch, rows) over a set of cells: a packed row of cells in the given order (``pack_cells``), or a
+    padded, length-grouped batch (``pad_cells``: {"input_ids", "attention_mask"}); ``rows`` index ``cells``."""
+    if packing:
+        for rows in packed_batches(lengths, batch_size=batch_size, max_tokens=max_tokens):
+            yield pack_cells([cells[i] for i in rows], pad_id=pad_id, multiple=pad_to_multiple), rows
+        return
+    for rows in length_grouped_batches(lengths, rng, batch_size=batch_size, max_tokens=max_tokens,
+                                       window_batches=window_batches):
+        input_ids, attention_mask = pad_cells([cells[i] for i in rows], pad_id=pad_id, multiple=pad_to_multiple,
+                                              max_width=max_width)
+        yield {"input_ids": input_ids, "attention_mask": attention_mask}, rows
+
+
 @dataclass
 class GeneMasker:
     """BERT-style masking restricted to gene tokens."""

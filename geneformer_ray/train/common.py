@@ -1,7 +1,7 @@
 """Pieces every training loop shares: rank collectives, the optimizer, batches to device, reports.
 
     ranks = Ranks.current()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, plan.kind)
     if not ranks.all_have(batch): break        # ranks stop together when one runs out of data
     loss_mean, tokens = ranks.mean([loss, tokens])
 """
@@ -19,7 +19,7 @@ import torch.distributed as dist
 from ray.train import CheckpointConfig, DataConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from geneformer_ray.runtime import scaling_kwargs, torch_config
+from geneformer_ray.runtime import import_torch_npu, scaling_kwargs, torch_config
 
 
 @dataclass
@@ -66,14 +66,25 @@ class Ranks:
         return out
 
 
-def build_optimizer(model: torch.nn.Module, optim) -> torch.optim.AdamW:
+def optimizer_kind(device_kind: str, fused: str = "auto") -> str:
+    """Which AdamW runs the step: ``fused`` (torch's single-kernel AdamW: CUDA, CPU), ``npu_fused``
+    (torch_npu's NpuFusedAdamW) or ``foreach`` (torch's default, a few kernels per parameter group).
+    ``auto`` fuses on accelerators, where per-parameter launches cost most."""
+    if fused == "off" or (fused == "auto" and device_kind == "cpu"):
+        return "foreach"
+    return "npu_fused" if device_kind == "npu" else "fused"
+
+
+def build_optimizer(model: torch.nn.Module, optim, device_kind: str = "cpu") -> torch.optim.Optimizer:
     """AdamW over trainable parameters; no weight decay on biases and LayerNorm weights."""
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim > 1]
-    no_decay = [p for p in params if p.ndim <= 1]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": optim.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}],
-                             lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    settings = dict(lr=optim.lr, betas=optim.betas, eps=optim.eps)
+    kind = optimizer_kind(device_kind, getattr(optim, "fused", "auto"))
+    if kind == "npu_fused":  # the NPU seam: torch_npu's fused AdamW (same update, one kernel over all tensors)
+        return import_torch_npu().optim.NpuFusedAdamW(groups, **settings)
+    return torch.optim.AdamW(groups, **settings, **({"fused": True} if kind == "fused" else {}))
 
 
 def to_device(batch: dict, device: torch.device, keys=("input_ids", "attention_mask", "labels")) -> dict:

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from geneformer_ray.models.flavours import FLAVOURS
+from geneformer_ray.models.packing import ON_OFF, on_off
 from geneformer_ray.runtime import AcceleratorConfig, check_placement
 from geneformer_ray.settings import AbsolutePath, Settings
 from geneformer_ray.tracking import TrackingConfig, artifact_location, tracking_uri
@@ -37,6 +38,8 @@ def _check_model(flavour: str, init_from: str | None, hint: str = "") -> None:
         raise ValueError(f"model.init_from={init_from!r} is not a model folder (no config.json){hint}")
 
 
+
+
 # -- pretraining ------------------------------------------------------------------------------------
 class DataConfig(Settings):
     corpus: AbsolutePath = ""  # corpus folder written by `geneformer-ray tokenize` / `convert-dataset`
@@ -47,10 +50,15 @@ class DataConfig(Settings):
     val_fraction: float | None = None  # must match the corpus's recorded split (tokenize --val-fraction); null: the corpus's
     mlm_probability: float = 0.15
     pad_to_multiple: int | None = None  # batch width rounded up to this; default 64 on CUDA/NPU, 1 on CPU
+    packing: str = "auto"  # on | off | auto: cells end to end in one row, attention within each (models.packing)
+
+    _packing_words = field_validator("packing", mode="before")(classmethod(lambda cls, value: on_off(value)))
 
     @model_validator(mode="after")
     def _check(self):
         _check_corpus(self.corpus)
+        if self.packing not in ON_OFF:
+            raise ValueError(f"data.packing={self.packing!r}: use {', '.join(ON_OFF)}")
         if (self.batch_size is None) == (self.max_tokens is None):
             raise ValueError("set exactly one of data.batch_size and data.max_tokens (the other to null)")
         if self.val_fraction is not None and not 0 <= self.val_fraction < 1:
@@ -65,6 +73,7 @@ class ModelConfig(Settings):
     flavour: str = "tiny"  # see geneformer_ray.models.flavours.FLAVOURS
     init_from: AbsolutePath | None = None  # checkpoint folder to start from (ours or a published Geneformer one)
     sparse_attention_dropout: bool = True  # CPU training: same dropout law, ~5x cheaper (geneformer_ray.models.attention)
+    activation_checkpointing: bool = False  # keep only each layer's input, recompute the rest in backward (~1/3 more compute)
     # the prediction head's bias at the start: zero (BERT's) or gene_frequency, the log-frequency of each gene in
     # the corpus's training cells, so that the loss starts at the unigram floor and steps go to context from there
     output_bias: str = "zero"
@@ -89,9 +98,14 @@ class OptimConfig(Settings):
     warmup_steps: int = 10_000
     grad_clip: float | None = 1.0
     grad_accum_steps: int = 1
+    fused: str = "auto"  # on | off | auto: one fused AdamW kernel (CUDA/CPU: torch's fused=True; NPU: NpuFusedAdamW); auto: on accelerators
+
+    _fused_words = field_validator("fused", mode="before")(classmethod(lambda cls, value: on_off(value)))
 
     @model_validator(mode="after")
     def _check(self):
+        if self.fused not in ON_OFF:
+            raise ValueError(f"optim.fused={self.fused!r}: use {', '.join(ON_OFF)}")
         if self.schedule not in ("linear", "cosine", "constant"):
             raise ValueError(f"optim.schedule={self.schedule!r}: use linear, cosine or constant")
         if self.lr <= 0 or self.warmup_steps < 0 or self.grad_accum_steps < 1:
@@ -240,6 +254,7 @@ class FinetuneModelConfig(Settings):
     hidden_dropout: float | None = None  # override the checkpoint's dropout
     attention_dropout: float | None = None
     sparse_attention_dropout: bool = True  # CPU training: same dropout law, cheaper (geneformer_ray.models.attention)
+    activation_checkpointing: bool = False  # keep only each layer's input, recompute the rest in backward
 
     @model_validator(mode="after")
     def _check(self):

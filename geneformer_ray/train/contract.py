@@ -25,7 +25,7 @@ CONTRACT_FILE = "run_contract.json"
 MAY_CHANGE = ("train.epochs", "train.max_steps", "train.log_every", "train.val_every", "train.eval_every",
               "train.evals_per_epoch", "train.checkpoint_every", "train.num_checkpoints_to_keep", "train.max_failures",
               "train.storage_path", "train.run_name", "train.placement_strategy", "train.cell_log", "tracking.",
-              "accelerator.", "data.pad_to_multiple", "data.loader", "data.corpus")  # the corpus by content: corpus_terms
+              "accelerator.", "data.pad_to_multiple", "data.packing", "data.loader", "data.corpus")  # the corpus by content: corpus_terms
 # pretraining also resumes on another number of workers: gradient accumulation keeps the global batch
 PRETRAIN_MAY_CHANGE = (*MAY_CHANGE, "train.num_workers", "optim.grad_accum_steps", "data.val_fraction")
 

@@ -36,7 +36,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from geneformer_ray.data.corpus import SPLIT_COLUMN
-from geneformer_ray.train.collate import length_grouped_batches, pad_cells
+from geneformer_ray.train.collate import cell_batches
 
 STATE_VERSION = 1
 READ_COLUMNS = ["input_ids", "length"]
@@ -148,20 +148,21 @@ class EpochData:
 
     # -- reading --------------------------------------------------------------------------------
     def rank_batches(self, rank: int, world: int, *, pad_id: int, batch_size: int | None, max_tokens: int | None,
-                     window_batches: int, shuffle_buffer: int, pad_to_multiple: int = 1, max_width: int | None = None):
-        """This rank's padded, length-grouped batches of the epoch's unconsumed training cells:
-        {"input_ids", "attention_mask", "cell_index"} (numpy). Call after ``sync`` (the plan reads the record)."""
+                     window_batches: int, shuffle_buffer: int, pad_to_multiple: int = 1, max_width: int | None = None,
+                     packing: bool = False):
+        """This rank's batches of the epoch's unconsumed training cells (``collate.cell_batches``: padded and
+        length-grouped, or packed rows), each with its "cell_index" (numpy). Call after ``sync`` (the plan
+        reads the record)."""
         plan = plan_epoch(self.manifest, self.consumed, seed=self.seed, epoch=self.epoch, world=world)[rank]
         rng = np.random.default_rng([self.seed, self.epoch, rank, int(self.consumed.sum())])
         buffers = _buffers(lambda seg: self._read_segment(seg), plan, min_cells=max(1, shuffle_buffer))
         for cells, lengths, index in buffers:
             order = rng.permutation(lengths.size)
             cells, lengths, index = cells[order], lengths[order], index[order]
-            for batch in length_grouped_batches(lengths, rng, batch_size=batch_size, max_tokens=max_tokens,
-                                                window_batches=window_batches):
-                input_ids, attention_mask = pad_cells([cells[i] for i in batch], pad_id=pad_id, multiple=pad_to_multiple,
-                                                      max_width=max_width)
-                yield {"input_ids": input_ids, "attention_mask": attention_mask, "cell_index": index[batch]}
+            for batch, rows in cell_batches(cells, lengths, rng, pad_id=pad_id, batch_size=batch_size,
+                                            max_tokens=max_tokens, window_batches=window_batches, packing=packing,
+                                            pad_to_multiple=pad_to_multiple, max_width=max_width):
+                yield {**batch, "cell_index": index[rows]}
 
     def _read_segment(self, seg: Segment):
         """(cells, lengths, cell numbers) of one segment: its training cells not yet consumed, in file order;

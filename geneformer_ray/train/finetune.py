@@ -28,7 +28,8 @@ from pydantic import Field
 from geneformer_ray.data.corpus import read_columns, read_corpus, read_manifest
 from geneformer_ray.data.vocab import load_vocab
 from geneformer_ray.files import write_json
-from geneformer_ray.models.attention import use_sparse_attention_dropout
+from geneformer_ray.models.attention import use_geneformer_attention
+from geneformer_ray.models.flavours import checkpoint_activations
 from geneformer_ray.models.tasks import add_lora, build_task_model, freeze_layers, merge_lora
 from geneformer_ray.plots import plot_curve
 from geneformer_ray.runtime import AcceleratorPlan, autocast, plan_cluster, worker_device
@@ -61,13 +62,15 @@ def train_loop_per_worker(config: dict) -> None:
                              attention_dropout=cfg.model.attention_dropout)
     max_width = model.config.max_position_embeddings
     if cfg.model.sparse_attention_dropout:
-        use_sparse_attention_dropout(model)
+        use_geneformer_attention(model, sparse_dropout=True)
+    if cfg.model.activation_checkpointing:
+        checkpoint_activations(model)
     freeze_layers(model, cfg.model.freeze_layers)
     if cfg.model.lora_rank:
         model = add_lora(model, kind, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
                          target_modules=cfg.model.lora_target_modules)
     model.to(device)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, plan.kind)
     scheduler = build_scheduler(optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
                                 total_steps=run.total_steps)
     loss_fn = TaskLoss(kind, heads, task.class_weights, task.loss_weights, device)

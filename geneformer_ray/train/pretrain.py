@@ -23,15 +23,16 @@ import torch
 from geneformer_ray.console import progress_from_metrics
 from geneformer_ray.data.corpus import read_manifest, split_info
 from geneformer_ray.files import write_json
-from geneformer_ray.models.attention import use_sparse_attention_dropout
-from geneformer_ray.models.flavours import MaskedGeneObjective, build_model
+from geneformer_ray.models.attention import use_geneformer_attention
+from geneformer_ray.models.flavours import MaskedGeneObjective, build_model, checkpoint_activations
 from geneformer_ray.models.folders import load_model, model_vocab, resolve_model_config
+from geneformer_ray.models.packing import packing_enabled
 from geneformer_ray.plots import plot_curve
 from geneformer_ray.runtime import AcceleratorPlan, autocast, pad_multiple, plan_cluster, worker_device
 from geneformer_ray.settings import Settings
 from geneformer_ray.tracking import log_final_model, start_tracking
 from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
-from geneformer_ray.train.collate import IGNORE_INDEX, GeneMasker, length_grouped_batches, pad_cells
+from geneformer_ray.train.collate import IGNORE_INDEX, GeneMasker, cell_batches
 from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
 from geneformer_ray.train.config import PretrainConfig
 from geneformer_ray.train.contract import PRETRAIN_MAY_CHANGE, config_terms, corpus_terms, keep_contract
@@ -59,10 +60,12 @@ def train_loop_per_worker(config: dict) -> None:
         if run.output_bias is not None:
             with torch.no_grad():
                 model.cls.predictions.bias.copy_(torch.tensor(run.output_bias))
-    if cfg.model.sparse_attention_dropout:
-        use_sparse_attention_dropout(model)  # acts only when training on CPU with attention dropout
+    # packed rows need its attention; sparse dropout acts only when training on CPU with attention dropout
+    use_geneformer_attention(model, sparse_dropout=cfg.model.sparse_attention_dropout)
+    if cfg.model.activation_checkpointing:
+        checkpoint_activations(model)
     objective = MaskedGeneObjective(model).to(device)
-    optimizer = build_optimizer(objective, cfg.optim)
+    optimizer = build_optimizer(objective, cfg.optim, plan.kind)
     scheduler = build_scheduler(optimizer, schedule=cfg.optim.schedule, warmup_steps=cfg.optim.warmup_steps,
                                 total_steps=total_steps)
     data = EpochData(corpus=cfg.data.corpus, manifest=manifest, seed=cfg.train.seed)
@@ -90,7 +93,7 @@ def train_loop_per_worker(config: dict) -> None:
                              metrics_file=Path(run.run_dir) / "metrics.jsonl")
     batching = dict(pad_id=vocab.pad_id, batch_size=cfg.data.batch_size, max_tokens=cfg.data.max_tokens,
                     window_batches=cfg.data.window_batches, pad_to_multiple=pad_multiple(plan, cfg.data.pad_to_multiple),
-                    max_width=model.config.max_position_embeddings)
+                    max_width=model.config.max_position_embeddings, packing=run.packing)
     val_batches = _validation_batches(data, rank, world, cells=cfg.train.val_batches * run.cells_per_batch,
                                       **batching) if run.has_val else []
     cell_log = _CellLog(cfg.train.cell_log, rank=rank, attempt=progress.get("restarts", 0))
@@ -107,8 +110,7 @@ def train_loop_per_worker(config: dict) -> None:
                 n = int((labels != IGNORE_INDEX).sum())
                 if n:
                     with autocast(plan, device):
-                        loss = objective(**to_device({"input_ids": masked, "attention_mask": batch["attention_mask"],
-                                                      "labels": labels}, device))
+                        loss = objective(**_feed(batch, masked, labels, device))
                     total, count = total + loss.item() * n, count + n
         objective.train()
         total, count = ranks.mean([total, count])
@@ -142,12 +144,12 @@ def train_loop_per_worker(config: dict) -> None:
                 batch = micro[i] if i < len(micro) else None
                 if batch is not None:
                     masked, labels = masker(batch["input_ids"])
-                    feed = {"input_ids": masked, "attention_mask": batch["attention_mask"], "labels": labels}
+                feed = _feed(batch, masked, labels, device) if batch is not None else to_device(filler, device)
                 with (ddp.no_sync() if i < accum - 1 and distributed else nullcontext()), autocast(plan, device):
-                    loss = ddp(**to_device(feed if batch is not None else filler, device))
+                    loss = ddp(**feed)
                 (loss * (weight if batch is not None else 0.0)).backward()
                 if batch is not None:
-                    window.add(loss.item(), batch["attention_mask"])
+                    window.add(loss.item(), batch)
             grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.optim.grad_clip or float("inf"))
             optimizer.step()
             scheduler.step()
@@ -202,11 +204,11 @@ class _Window:
         self.losses, self.tokens, self.cells, self.padded, self.wait = [], 0, 0, 0, 0.0
         self.start = time.perf_counter()
 
-    def add(self, loss: float, attention_mask: np.ndarray) -> None:
+    def add(self, loss: float, batch: dict) -> None:
         self.losses.append(loss)
-        self.tokens += int(attention_mask.sum())
-        self.cells += attention_mask.shape[0]
-        self.padded += attention_mask.size
+        self.tokens += int(batch["attention_mask"].sum())
+        self.cells += batch.get("num_cells", batch["attention_mask"].shape[0])  # a packed row holds many
+        self.padded += batch["attention_mask"].size
 
     def metrics(self, ranks: Ranks, world: int, accum: int) -> dict:
         elapsed = time.perf_counter() - self.start
@@ -217,6 +219,13 @@ class _Window:
                 "data_wait_fraction": wait / elapsed, "step_time_s": elapsed / max(1.0, batches / accum)}
 
 
+def _feed(batch: dict, masked: np.ndarray, labels: np.ndarray, device) -> dict:
+    """The objective's arguments for a padded batch or a packed row (its offsets stay on the host)."""
+    feed = to_device({**batch, "input_ids": masked, "labels": labels}, device,
+                     keys=("input_ids", "attention_mask", "labels", "position_ids"))
+    return {**feed, "cu_seqlens": batch["cu_seqlens"]} if "cu_seqlens" in batch else feed
+
+
 def _filler_batch(vocab) -> dict:
     """A two-token batch with one label: a rank out of cells runs it at weight 0 to keep DDP in step."""
     gene = vocab.token_ids[vocab.gene_tokens[0]]
@@ -225,19 +234,13 @@ def _filler_batch(vocab) -> dict:
 
 
 def _validation_batches(data: EpochData, rank: int, world: int, *, cells: int, pad_id: int, batch_size, max_tokens,
-                        window_batches: int, pad_to_multiple: int, max_width: int) -> list[dict]:
+                        window_batches: int, pad_to_multiple: int, max_width: int, packing: bool) -> list[dict]:
     """This rank's validation batches, read once: the same held-out cells at every pass."""
     ids, lengths = data.validation_cells(rank, world, cells=cells)
-    if not lengths.size:
-        return []
     rng = np.random.default_rng([data.seed, rank, 2])
-    out = []
-    for batch in length_grouped_batches(lengths, rng, batch_size=batch_size, max_tokens=max_tokens,
-                                        window_batches=window_batches):
-        input_ids, attention_mask = pad_cells([ids[i] for i in batch], pad_id=pad_id, multiple=pad_to_multiple,
-                                              max_width=max_width)
-        out.append({"input_ids": input_ids, "attention_mask": attention_mask})
-    return out
+    return [batch for batch, _ in cell_batches(ids, lengths, rng, pad_id=pad_id, batch_size=batch_size,
+                                               max_tokens=max_tokens, window_batches=window_batches, packing=packing,
+                                               pad_to_multiple=pad_to_multiple, max_width=max_width)] if lengths.size else []
 
 
 def _position(data: EpochData, masker: GeneMasker, ranks: Ranks) -> dict:
@@ -308,6 +311,7 @@ class PretrainRun(Settings):
     artifact_location: str | None
     has_val: bool
     output_bias: list[float] | None = None  # model.output_bias=gene_frequency: the head's starting bias, per token
+    packing: bool = False  # data.packing resolved for the device: packed rows instead of padded batches
 
 
 def pretrain(cfg: PretrainConfig) -> dict:
@@ -329,7 +333,8 @@ def pretrain(cfg: PretrainConfig) -> dict:
     run = PretrainRun(config=cfg, plan=plan, vocab_name=vocab.name, total_steps=total_steps, grad_accum_steps=accum,
                       cells_per_batch=cells_per_batch, run_dir=str(run_dir), tracking_uri=cfg.tracking_uri(),
                       artifact_location=cfg.artifact_location(), has_val=split["num_val"] > 0,
-                      output_bias=floors["log_frequencies"].tolist() if cfg.model.output_bias == "gene_frequency" else None)
+                      output_bias=floors["log_frequencies"].tolist() if cfg.model.output_bias == "gene_frequency" else None,
+                      packing=packing_enabled(cfg.data.packing))
     with progress_from_metrics(run_dir / "metrics.jsonl", total=total_steps, desc="pretrain"):
         result = fit(train_loop_per_worker, run.to_dict(), datasets={}, datasets_to_split=[], plan=plan, train_cfg=cfg.train)
     model_dir = Path(result.checkpoint.path) / "model"
