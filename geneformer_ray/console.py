@@ -103,6 +103,14 @@ def notice(text: str) -> None:
         warnings.warn(text, UserWarning, stacklevel=3)
 
 
+def say(text: str) -> None:
+    """One line to stdout from inside a Ray Train worker, seen once. Ray Train replaces ``print`` in its
+    workers with one that logs each call through the root logger and, when the worker's stdout is wrapped
+    (as Ray's output capture wraps it), also calls the original: every ``print`` reached the job's log twice."""
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
 def progress_bar(*, total: int | None, desc: str, unit: str, disable: bool = False) -> tqdm:
     """The one kind of progress bar every stage shows (on ``terminal()``): redrawn twice a second on a
     terminal, every 30 s where the output is a file (a ``ray job submit`` log), so the log stays readable."""

@@ -64,6 +64,8 @@ def test_tokenize_keeps_each_cells_top_genes(pbmc3k_v1_corpus, tmp_path):
     assert manifest["settings"]["max_genes"] == 64
     assert manifest["summary"]["cells_at_input_size"] == sum(len(c) >= 64 for c in full)
     assert "truncated at their top 64 genes (max_genes)" in format_summary(manifest)
+    histogram = format_summary(manifest).split("cell length (tokens):")[1].split()
+    assert histogram[-3:-1] == ["1-64", f"{manifest['num_cells']:,}"]  # ends at the cut, not at 2,048
     with pytest.raises(ValueError, match="max_genes=0 must be at least 1"):
         tokenize(PBMC3K, tmp_path / "none", vocab="gc30M", max_genes=0, progress=False)
     assert not (tmp_path / "none").exists()

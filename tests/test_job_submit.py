@@ -98,7 +98,7 @@ def test_tokenize_pretrain_and_tune_jobs_through_ray_job_submit(token_env, tmp_p
         log = runs / "pretrain_tiny" / "pretrain.log"
         assert f"log (Ray, workers, libraries): {log}" in proc.stdout and "pretrain: 100%" in proc.stdout
         assert not any(noise in proc.stdout for noise in ("RayTrainWorker", "TrainController", "step 3/6", "Ray Data"))
-        assert "step 3/6" in log.read_text()
+        assert log.read_text().count("step 3/6") == 1  # once: Ray Train's print patch doubled printed lines
         (model,) = (runs / "pretrain_tiny").glob("checkpoint_*/model")
 
         # a 1-trial, 1-epoch search over fine-tuning from that model, on the same cluster (test_tune covers studies)

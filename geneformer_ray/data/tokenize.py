@@ -281,6 +281,7 @@ def format_summary(manifest: dict) -> str:
         lines += [f"  warning: {w}" for w in src["warnings"]]
     counts = np.array(hist["counts"])
     if counts.sum():
+        counts = counts[: np.flatnonzero(counts).max() + 1]  # up to the longest cell (a --max-genes cut ends early)
         group = max(1, len(counts) // 8)
         width = hist["bin_width"] * group
         grouped = np.add.reduceat(counts, np.arange(0, len(counts), group))

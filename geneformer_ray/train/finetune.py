@@ -34,7 +34,7 @@ from geneformer_ray.models.tasks import add_lora, build_task_model, freeze_layer
 from geneformer_ray.plots import plot_curve
 from geneformer_ray.runtime import AcceleratorPlan, autocast, plan_cluster, worker_device
 from geneformer_ray.settings import Settings
-from geneformer_ray.console import progress_from_metrics
+from geneformer_ray.console import progress_from_metrics, say
 from geneformer_ray.tracking import log_final_model, start_tracking
 from geneformer_ray.train.checkpoint import load_checkpoint, save_checkpoint
 from geneformer_ray.train.common import Ranks, build_optimizer, fit, report, to_device
@@ -165,7 +165,7 @@ def _validate(evaluate, loss_fn, run: FinetuneRun, tracker, step, val_history, r
     val_history.append((step, metrics[loss_fn.headline]))
     tracker.log_metrics({f"val_{k}": v for k, v in metrics.items()}, step=step)
     if ranks.rank == 0:
-        print(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        say(f"step {step}: validation " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
     report({"step": step, "epoch": progress["epoch"], "epochs_done": _epochs_done(progress, run.steps_per_epoch),
             **{f"val_{k}": v for k, v in metrics.items()}}, rank=ranks.rank, save=save)
     return metrics

@@ -20,7 +20,7 @@ import numpy as np
 import ray.train
 import torch
 
-from geneformer_ray.console import progress_from_metrics
+from geneformer_ray.console import progress_from_metrics, say
 from geneformer_ray.data.corpus import read_manifest, split_info
 from geneformer_ray.files import write_json
 from geneformer_ray.models.attention import use_geneformer_attention
@@ -83,9 +83,9 @@ def train_loop_per_worker(config: dict) -> None:
         progress["resumed_from_step"] = progress["step"]
         data, masker.rng = _restore_position(state.get("data"), data, progress, rank=rank, world=world, seed=cfg.train.seed)
         if rank == 0:
-            print(f"resuming from the checkpoint at step {progress['step']} (epoch {data.epoch}, "
-                  f"{int(data.consumed.sum()):,} of {data.num_train:,} cells of it consumed, {world} worker(s), "
-                  f"{accum} micro-batch(es) per worker and step)", flush=True)
+            say(f"resuming from the checkpoint at step {progress['step']} (epoch {data.epoch}, "
+                f"{int(data.consumed.sum()):,} of {data.num_train:,} cells of it consumed, {world} worker(s), "
+                f"{accum} micro-batch(es) per worker and step)")
     ddp = torch.nn.parallel.DistributedDataParallel(objective, device_ids=[device.index] if device.type != "cpu" else None) \
         if distributed else objective
     tracker = start_tracking(run.tracking_uri, experiment=cfg.tracking.experiment, run_name=cfg.train.run_name,
@@ -170,9 +170,9 @@ def train_loop_per_worker(config: dict) -> None:
                 if step % cfg.train.val_every == 0 or done:
                     metrics["val_loss"] = validate()
                 if rank == 0:
-                    print(f"step {step}/{total_steps} loss {metrics['loss']:.4f}"
-                          + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
-                          + f" lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tokens/s", flush=True)
+                    say(f"step {step}/{total_steps} loss {metrics['loss']:.4f}"
+                        + (f" val {metrics['val_loss']:.4f}" if metrics.get("val_loss") is not None else "")
+                        + f" lr {metrics['lr']:.2e} {metrics['tokens_per_s']:,.0f} tokens/s")
                 log_and_report(metrics, save=step % cfg.train.checkpoint_every == 0 and not done)
                 window = _Window()
         if not done:
