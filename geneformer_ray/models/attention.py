@@ -130,9 +130,10 @@ def varlen_attention(query, key, value, cu_seq_lens, max_length: int, *, dropout
         out = torch.ops.aten._flash_attention_forward(q, k, v, cu_seq_lens, cu_seq_lens, max_length, max_length,
                                                        dropout, False, False, scale=scaling)[0]
     elif kernel == "npu_tnd":
-        out = _npu_tnd(q, k, v, cu_seq_lens if host_offsets is None else host_offsets, dropout=dropout, scaling=scaling)
+        out = _npu_tnd(q, k, v, cu_seq_lens.tolist() if host_offsets is None else host_offsets, dropout=dropout,
+                       scaling=scaling)
     elif kernel == "looped":
-        out = looped_varlen(q, k, v, cu_seq_lens if host_offsets is None else host_offsets, dropout=dropout,
+        out = looped_varlen(q, k, v, cu_seq_lens.tolist() if host_offsets is None else host_offsets, dropout=dropout,
                             scaling=scaling, sparse=sparse)
     else:
         out = padded_varlen(q, k, v, cu_seq_lens, max_length, dropout=dropout, scaling=scaling, sparse=sparse)
@@ -143,7 +144,7 @@ def _npu_tnd(q, k, v, offsets, *, dropout: float, scaling: float):
     """torch_npu's fused attention over cells laid end to end (TND layout: cumulative ends, no leading 0)."""
     import torch_npu  # the NPU seam: this branch runs only on an NPU tensor, where torch_npu is loaded
 
-    ends = [int(x) for x in (offsets.tolist() if hasattr(offsets, "tolist") else offsets)][1:]
+    ends = [int(x) for x in offsets][1:]
     return torch_npu.npu_fusion_attention(q, k, v, q.size(1), "TND", scale=scaling, keep_prob=1.0 - dropout,
                                           actual_seq_qlen=ends, actual_seq_kvlen=ends)[0]
 
@@ -151,7 +152,7 @@ def _npu_tnd(q, k, v, offsets, *, dropout: float, scaling: float):
 def looped_varlen(q, k, v, offsets, *, dropout: float, scaling: float, sparse: bool = False):
     """CPU: each cell's own attention, unmasked (the fused kernel when there is no dropout; sparse dropout
     on the written-out path when there is), concatenated back to (tokens, heads, head_dim)."""
-    bounds = [int(x) for x in (offsets.tolist() if hasattr(offsets, "tolist") else offsets)]
+    bounds = [int(x) for x in offsets]
     outs = []
     for start, end in zip(bounds[:-1], bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1)[None] for t in (q, k, v))  # (1, heads, length, head_dim)

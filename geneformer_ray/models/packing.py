@@ -49,7 +49,7 @@ def packed_hidden(bert, input_ids: torch.Tensor, position_ids: torch.Tensor, cu_
         raise ValueError(f"cu_seqlens must rise from 0 to the row's {input_ids.size(1)} tokens in steps of at least "
                          f"1; got {offsets[:4].tolist()} ... {offsets[-2:].tolist()}")
     kwargs = {"cu_seq_lens_q": torch.as_tensor(offsets, dtype=torch.int32).to(input_ids.device, non_blocking=True),
-              "max_length_q": int(np.diff(offsets).max()), "host_cu_seq_lens": offsets}
+              "max_length_q": int(np.diff(offsets).max()), "host_cu_seq_lens": offsets.tolist()}  # once, not per layer
     kwargs.update(cu_seq_lens_k=kwargs["cu_seq_lens_q"], max_length_k=kwargs["max_length_q"])
     hidden = bert.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=torch.zeros_like(input_ids))
     for layer in bert.encoder.layer[:num_layers]:
