@@ -18,6 +18,8 @@ utilisation (MFU) per flavour against the device's limit, one JSON line.
     non-pad tokens (below), the peak from a matmul measured in the same run and (GPU) from the datasheet.
 (3) Memory per device at 4,096 positions (``--memory``; always on a GPU): peak memory of one training step on
     a 4,096-token packed row, with and without activation checkpointing, next to an estimate from the shapes.
+(4) CPU: the prediction head's decoder and loss fused (the default on CPUs) against the plain path, the
+    quickstart's ``tiny`` and gf-6L-10M.
 """
 
 from __future__ import annotations
@@ -207,7 +209,7 @@ def step_batches(cells: list, tokens: int, count: int, rng, *, packing: bool) ->
 
 
 def model_step(flavour: str, corpus: Path, device: str, precision: str, *, tokens: int, steps: int, warmup: int,
-               packing: bool, checkpointing: bool = False, seed: int = 0) -> dict:
+               packing: bool, checkpointing: bool = False, seed: int = 0, fused_head: bool | None = None) -> dict:
     """(2)/(3): forward + backward + AdamW of ``flavour`` on real cells, one process, no Ray. Returns useful
     tokens/s, TFLOP/s, the padding share and the peak memory."""
     import resource
@@ -235,7 +237,7 @@ def model_step(flavour: str, corpus: Path, device: str, precision: str, *, token
     use_geneformer_attention(model)
     if checkpointing:
         checkpoint_activations(model)
-    objective = MaskedGeneObjective(model).to(dev).train()
+    objective = MaskedGeneObjective(model, fused_head=fused_head).to(dev).train()
     optimizer = build_optimizer(objective, OptimConfig(lr=1e-4), plan.kind)
     masker = GeneMasker.for_vocab(vocab, seed=seed)
     timed_tokens, timed_flops, elapsed, padded = 0, 0.0, 0.0, 0
@@ -412,6 +414,23 @@ def utilisation(args, corpora: dict) -> dict:
     return out
 
 
+def head(args, corpora: dict) -> dict:
+    """(4) CPU: the model step with the prediction head's last layer and loss fused (the default on CPUs,
+    ``geneformer_ray.models.head_loss``) against the plain ``cross_entropy(decoder(h))``: the quickstart's
+    ``tiny`` on 16 cells of 256 genes, gf-6L-10M on 8,192 tokens; length-grouped batches, fp32."""
+    out = {}
+    for flavour, tokens, steps in (("tiny", 4096, 8), ("gf-6L-10M", 8192, 2)):
+        row = {"tokens_per_step": tokens, "timed_steps": steps}
+        for fused in (True, False):
+            r = _spawn("step", flavour=flavour, corpus=str(corpora["gc30M"] if flavour != "tiny" else corpora["tiny"]),
+                       device="cpu", precision="fp32", tokens=tokens, steps=steps, warmup=2, packing=False, fused_head=fused)
+            row["fused" if fused else "plain"] = {"tokens_per_s": round(r["tokens_per_s"], 1), "loss": round(r["loss"], 4)}
+            _log({f"head_{flavour}": {"fused": fused, **r}})
+        row["fused_over_plain"] = round(row["fused"]["tokens_per_s"] / row["plain"]["tokens_per_s"], 3)
+        out[flavour] = row
+    return out
+
+
 def memory(args, corpora: dict) -> dict:
     """(3): one training step on a 4,096-token packed row per V2 flavour, without and with activation
     checkpointing: measured peak (GPU: allocated; CPU: the process's RSS) and the estimate from the shapes."""
@@ -475,6 +494,8 @@ def main() -> None:
     if not args.skip_pipeline:
         report["pipeline"] = pipeline(args, corpora["gc30M"])
     report["utilisation"] = utilisation(args, corpora)
+    if not gpu:
+        report["fused_head"] = head(args, corpora | {"tiny": make_corpus(workdir, "gc30M", 256)})
     if args.memory or gpu:
         report["memory_4096_positions"] = memory(args, corpora)
     report["targets"] = {"a_over_b": ">= 2", "gf-12L-104M_mfu_on_h200_bf16": ">= 0.40"}

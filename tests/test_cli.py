@@ -74,7 +74,8 @@ def test_quickstart_runs_the_main_job_on_bundled_data(ray_session, tmp_path, cap
     assert all(f"{stage}: 100%" in shown.err for stage in ("tokenize", "pretrain", "fine-tune"))
     assert "step 10/10" not in shown.out + shown.err and (tmp_path / "qs" / "quickstart.log").exists()
     assert "pretraining: 10 steps, validation loss" in printed and "gene frequencies alone reach" in printed
-    assert "fine-tuned on cell types: test macro-F1" in printed and "logistic regression on the same split" in printed
+    assert "fine-tuned on cell types: test macro-F1" in printed and "logistic regression on the same split" in printed \
+        and "genes the model reads" in printed
     floors = json.loads((tmp_path / "qs" / "pretrain_tiny" / "floors.json").read_text())
     first = json.loads((tmp_path / "qs" / "pretrain_tiny" / "metrics.jsonl").read_text().splitlines()[0])
     # the head starts at the gene frequencies: the first steps' loss is near the unigram floor, not at log(vocab) ~10.1

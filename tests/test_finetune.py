@@ -42,7 +42,7 @@ def test_cell_classification_end_to_end_tracked_on_a_server(ray_session, corpus,
     assert fit.model == Path(summary["model"]) and len(fit.test_predictions()) == summary["split_sizes"]["test"]
     assert {"loss", "val_macro_f1"} <= set(fit.history().columns) and fit.describe() == format_finetune_summary(summary)
     assert m["test_roc_auc"] > 0.6 and np.isfinite(m["test_macro_f1"])  # better than chance (0.5) on an easy task
-    assert summary["baseline"]["lineage"]["macro_f1"] > 0.8
+    assert summary["baseline"]["lineage"]["macro_f1"] > 0.8 and summary["baseline"]["lineage"]["same_genes_macro_f1"] > 0.8
     predictions = pq.read_table(Path(summary["evaluation"]) / "test_predictions.parquet").to_pandas()
     assert len(predictions) == summary["split_sizes"]["test"] and predictions["cell_id"].is_unique
     assert set(predictions.columns) >= {"cell_id", "true", "predicted", "prob_B", "prob_T/NK", "prob_myeloid"}
@@ -57,7 +57,7 @@ def test_cell_classification_end_to_end_tracked_on_a_server(ray_session, corpus,
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert "evaluation/test_confusion_matrix.png" in artifacts and "evaluation/test_predictions.parquet" in artifacts
     assert client.search_model_versions("name='gf-tiny-lineage'")[0].run_id == run.info.run_id
-    assert "baseline (lineage)" in format_finetune_summary(summary)
+    assert "baseline (lineage)" in format_finetune_summary(summary) and "genes the model reads" in format_finetune_summary(summary)
 
     from geneformer_ray.cli import main
 

@@ -128,6 +128,13 @@ def test_frozen_layers_really_do_not_change(pretrained):
         assert torch.equal(p, before[name]) == frozen, name
     with pytest.raises(ValueError, match="exceeds the model's 2 layers"):
         freeze_layers(model, 3)
+    only_embeddings = build_task_model("cell", {"y": ["a", "b", "c"]}, init_from=str(pretrained))
+    assert freeze_layers(only_embeddings, 0, embeddings=True) == \
+        sum(p.numel() for p in only_embeddings.bert.embeddings.parameters())
+    before = {n: p.detach().clone() for n, p in only_embeddings.named_parameters()}
+    _steps(only_embeddings)
+    for name, p in only_embeddings.named_parameters():
+        assert torch.equal(p, before[name]) == name.startswith("bert.embeddings"), name
 
 
 def test_multitask_encoder_starts_from_the_checkpoint(pretrained):
@@ -258,3 +265,22 @@ def test_splits_held_in_memory_are_dealt_to_ranks_like_a_streaming_split():
 def test_data_loader_is_one_of_three():
     with pytest.raises(ValueError, match=r"data.loader='disk': use auto, memory .* or stream"):
         load_config(FinetuneConfig, None, [f"data.corpus={PBMC3K}", "data.loader=disk", "task.label_column=cell_type"])
+
+
+def test_same_genes_baseline_reads_each_cells_tokens_in_the_order_asked(pbmc3k_v1_corpus):
+    """The baseline on the model's own input: row i of the bag holds exactly cell i's tokens (cells asked
+    for across shards, in an order of their own), one per gene."""
+    import pyarrow.parquet as pq
+
+    from geneformer_ray.data.corpus import shard_paths
+    from geneformer_ray.train.baseline import token_genes
+
+    table = pq.read_table(shard_paths(pbmc3k_v1_corpus)[-1], columns=["cell_id", "input_ids"])
+    first = pq.read_table(shard_paths(pbmc3k_v1_corpus)[0], columns=["cell_id", "input_ids"])
+    cells = {c: set(t) for c, t in zip(table.column("cell_id").to_pylist()[:5] + first.column("cell_id").to_pylist()[:5],
+                                       table.column("input_ids").to_pylist()[:5] + first.column("input_ids").to_pylist()[:5])}
+    order = sorted(cells, reverse=True)
+    bag = token_genes(pbmc3k_v1_corpus, order, 25_426)
+    assert bag.shape == (10, 25_426) and set(bag.data) == {1.0}
+    for row, cell in enumerate(order):
+        assert set(bag[row].indices) == cells[cell], cell

@@ -89,6 +89,50 @@ def test_masked_only_head_equals_the_full_head_loss():
     torch.testing.assert_close(ours, full)
 
 
+@pytest.mark.parametrize("flavour", ["tiny", "gf-6L-10M"])
+def test_fused_head_loss_gives_the_plain_loss_and_every_gradient(flavour):
+    """The CPU path (decoder + cross-entropy fused over chunks of masked rows, gradients formed in the
+    forward pass) against cross_entropy(cls(h)): loss, every parameter's gradient (the decoder weight is
+    tied to the gene embeddings, so both routes add into it), and the no-grad loss; ~400 masked rows
+    span several chunks."""
+    from geneformer_ray.models.head_loss import chunk_rows, linear_cross_entropy
+
+    model = build_model(flavour, seed=0).train()
+    torch.manual_seed(1)
+    ids = torch.randint(4, 25_426, (8, 300))
+    attention = torch.ones_like(ids)
+    attention[3, 250:] = 0
+    labels = torch.full_like(ids, -100)
+    picked = torch.rand(ids.shape) < 0.17
+    picked &= attention.bool()
+    labels[picked] = torch.randint(4, 25_426, (int(picked.sum()),))
+    assert int(picked.sum()) > 2 * chunk_rows(model.config.hidden_size)
+
+    def loss_and_grads(fused: bool):
+        model.zero_grad()
+        torch.manual_seed(2)  # the same dropout masks
+        if fused:
+            loss = MaskedGeneObjective(model)(ids, attention, labels)
+        else:
+            hidden = model.bert(input_ids=ids, attention_mask=attention).last_hidden_state
+            loss = F.cross_entropy(model.cls(hidden[picked]).float(), labels[picked])
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    fused_loss, fused_grads = loss_and_grads(True)
+    plain_loss, plain_grads = loss_and_grads(False)
+    torch.testing.assert_close(fused_loss, plain_loss, rtol=1e-5, atol=1e-5)
+    assert fused_grads.keys() == plain_grads.keys()
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(fused_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+    with torch.no_grad():
+        head = model.cls.predictions
+        states = head.transform(torch.randn(70, model.config.hidden_size))
+        targets = torch.randint(0, 25_426, (70,))
+        torch.testing.assert_close(linear_cross_entropy(states, head.decoder.weight, head.decoder.bias, targets),
+                                   F.cross_entropy(head.decoder(states), targets), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("flavour, published", [("gf-6L-10M", "Geneformer-V1-10M"), ("gf-12L-104M", "Geneformer-V2-104M"),
                                                 ("gf-18L-316M", "Geneformer-V2-316M")])
 def test_short_flavour_names_build_the_published_configs(flavour, published):

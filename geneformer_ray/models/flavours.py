@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertForMaskedLM
 
 from geneformer_ray.data.vocab import Vocabulary, load_vocab
+from geneformer_ray.models.head_loss import linear_cross_entropy
 from geneformer_ray.models.packing import packed_hidden
 
 VOCAB_NAME_KEY = "geneformer_vocab_name"
@@ -102,12 +103,14 @@ class MaskedGeneObjective(torch.nn.Module):
     synchronisation sees the forward pass.
 
     The full head would compute (batch, seq, vocab) logits, 25k wide, for the ~15% of positions
-    that count; gathering the masked hidden states first saves most of that compute and memory.
+    that count; gathering the masked hidden states first saves most of that compute and memory. On a
+    CPU (no autocast) the decoder and the loss run fused (``geneformer_ray.models.head_loss``).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, fused_head: bool | None = None):
         super().__init__()
         self.model = model
+        self.fused_head = fused_head  # None: fused on a CPU without autocast (benchmarks force either path)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, labels: torch.Tensor,
                 position_ids: torch.Tensor | None = None, cu_seqlens=None) -> torch.Tensor:
@@ -118,5 +121,10 @@ class MaskedGeneObjective(torch.nn.Module):
         else:
             hidden = packed_hidden(self.model.bert, input_ids, position_ids, cu_seqlens)
         masked = labels != -100  # (batch, seq)
-        logits = self.model.cls(hidden[masked])  # (n_masked, vocab)
-        return F.cross_entropy(logits.float(), labels[masked])
+        states, targets = hidden[masked], labels[masked]  # (n_masked, hidden), (n_masked,)
+        head = self.model.cls.predictions
+        fused = self.fused_head if self.fused_head is not None else \
+            states.device.type == "cpu" and not torch.is_autocast_enabled("cpu")
+        if fused:
+            return linear_cross_entropy(head.transform(states), head.decoder.weight, head.decoder.bias, targets)
+        return F.cross_entropy(head.decoder(head.transform(states)).float(), targets)  # (n_masked, vocab) logits

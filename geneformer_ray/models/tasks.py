@@ -101,9 +101,10 @@ def build_task_model(kind: str, heads: dict[str, list[str]], *, init_from: str |
     return cls.from_pretrained(init_from, config=config, local_files_only=True)
 
 
-def freeze_layers(model, num_layers: int) -> int:
-    """Freeze the embeddings and the first ``num_layers`` encoder layers; returns parameters frozen."""
-    if num_layers == 0:
+def freeze_layers(model, num_layers: int, *, embeddings: bool = False) -> int:
+    """Freeze the embeddings and the first ``num_layers`` encoder layers (``embeddings``: the embeddings
+    even when ``num_layers`` is 0); returns parameters frozen."""
+    if num_layers == 0 and not embeddings:
         return 0
     encoder = model.bert
     if num_layers > len(encoder.encoder.layer):

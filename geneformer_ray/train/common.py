@@ -69,8 +69,9 @@ class Ranks:
 def optimizer_kind(device_kind: str, fused: str = "auto") -> str:
     """Which AdamW runs the step: ``fused`` (torch's single-kernel AdamW: CUDA, CPU), ``npu_fused``
     (torch_npu's NpuFusedAdamW) or ``foreach`` (torch's default, a few kernels per parameter group).
-    ``auto`` fuses on accelerators, where per-parameter launches cost most."""
-    if fused == "off" or (fused == "auto" and device_kind == "cpu"):
+    ``auto`` fuses everywhere: on accelerators it saves per-parameter launches, on a CPU passes over memory
+    (the ``tiny`` model's 1.6M-parameter gene embeddings: 14 ms a step with foreach, 2.5 ms fused)."""
+    if fused == "off":
         return "foreach"
     return "npu_fused" if device_kind == "npu" else "fused"
 

@@ -98,7 +98,7 @@ class OptimConfig(Settings):
     warmup_steps: int = 10_000
     grad_clip: float | None = 1.0
     grad_accum_steps: int = 1
-    fused: str = "auto"  # on | off | auto: one fused AdamW kernel (CUDA/CPU: torch's fused=True; NPU: NpuFusedAdamW); auto: on accelerators
+    fused: str = "auto"  # on | off | auto: one fused AdamW kernel (CUDA/CPU: torch's fused=True; NPU: NpuFusedAdamW); auto = on
 
     _fused_words = field_validator("fused", mode="before")(classmethod(lambda cls, value: on_off(value)))
 
@@ -247,6 +247,7 @@ class FinetuneModelConfig(Settings):
     init_from: AbsolutePath | None = None  # pretrained folder (ours or a published Geneformer one); None = from scratch
     flavour: str = "tiny"  # from scratch only
     freeze_layers: int = 0  # freeze the embeddings and the first N encoder layers
+    freeze_embeddings: bool = False  # freeze the gene and position embeddings alone (implied by freeze_layers > 0)
     lora_rank: int = 0  # > 0: LoRA adapters (peft) instead of full fine-tuning, merged back when saved
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05

@@ -65,7 +65,7 @@ def train_loop_per_worker(config: dict) -> None:
         use_geneformer_attention(model, sparse_dropout=True)
     if cfg.model.activation_checkpointing:
         checkpoint_activations(model)
-    freeze_layers(model, cfg.model.freeze_layers)
+    freeze_layers(model, cfg.model.freeze_layers, embeddings=cfg.model.freeze_embeddings)
     if cfg.model.lora_rank:
         model = add_lora(model, kind, rank=cfg.model.lora_rank, alpha=cfg.model.lora_alpha, dropout=cfg.model.lora_dropout,
                          target_modules=cfg.model.lora_target_modules)
@@ -348,7 +348,9 @@ def format_finetune_summary(summary: dict) -> str:
         for head, base in (summary.get("baseline") or {}).items():
             if isinstance(base, dict):
                 lines.append(f"baseline ({head}): logistic regression on log-normalised counts, test macro-F1 "
-                             f"{base['macro_f1']:.4f}, accuracy {base['accuracy']:.4f}")
+                             f"{base['macro_f1']:.4f}, accuracy {base['accuracy']:.4f}"
+                             + (f"; on the genes the model reads (its tokens), {base['same_genes_macro_f1']:.4f} and "
+                                f"{base['same_genes_accuracy']:.4f}" if "same_genes_macro_f1" in base else ""))
         if summary.get("dropped_classes"):
             lines.append(f"dropped small classes: {summary['dropped_classes']}")
         lines.append(f"model (Hugging Face folder): {summary['model']}")

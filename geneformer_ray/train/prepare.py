@@ -52,7 +52,8 @@ def prepare_task(cfg: FinetuneConfig) -> dict:
     if cfg.model.init_from:
         check_head(task.kind, prepared["heads"], cfg.model.init_from)
     if task.baseline and task.kind != "gene":
-        prepared["baseline"] = logistic_regression_baseline(manifest, prepared["splits"][0]["cells"], prepared["heads"])
+        prepared["baseline"] = logistic_regression_baseline(manifest, prepared["splits"][0]["cells"], prepared["heads"],
+                                                            corpus=cfg.data.corpus, vocab_size=vocab.num_tokens)
     return prepared
 
 
