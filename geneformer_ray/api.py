@@ -392,10 +392,11 @@ def format_quickstart_summary(run: TrainResult) -> str:
         lines.append(f"  gene frequencies alone reach {floors['unigram']:.3f}, by rank {floors['rank']:.3f}: the model is "
                      f"{floors['unigram'] - m['val_loss']:.2f} and {floors['rank'] - m['val_loss']:.2f} nats under them, "
                      "what only the cell's other genes can tell it")
+    baselines = [f"{base['macro_f1']:.3f} on all genes' counts"] if base else []
+    if "same_genes_macro_f1" in base:
+        baselines.append(f"{base['same_genes_macro_f1']:.3f} on the {QUICKSTART_MAX_GENES} genes the model reads")
     lines.append(f"fine-tuned on cell types: test macro-F1 {f1:.3f}"
-                 + (f" (logistic regression on the same split: {base['macro_f1']:.3f} on all genes' counts"
-                    + (f", {base['same_genes_macro_f1']:.3f} on the {QUICKSTART_MAX_GENES} genes the model reads"
-                       if "same_genes_macro_f1" in base else "") + ")" if base else ""))
+                 + (f" (logistic regression on the same split: {', '.join(baselines)})" if baselines else ""))
     lines += [f"model: {run.model}", f"cell-type classifier: {tuned.model}",
               f"loss curve: {run.summary['loss_curve']}", f"MLflow: {run.summary['tracking_uri']}"]
     return "\n".join(lines)

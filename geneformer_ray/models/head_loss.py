@@ -39,12 +39,18 @@ def chunk_rows(width: int) -> int:
     return 32 * max(1, width // 64)
 
 
-def _loss_only(hidden, weight, bias, labels) -> torch.Tensor:
-    total = hidden.new_zeros((), dtype=torch.float32)
+def _chunks(hidden, weight, bias, labels):
+    """(rows, their hidden states, their labels, their log-probabilities (chunk, vocab)) chunk by chunk."""
     step = chunk_rows(hidden.shape[1])
     for start in range(0, hidden.shape[0], step):
-        logp = torch.log_softmax(torch.addmm(bias, hidden[start : start + step], weight.t()).float(), -1)
-        total -= logp.gather(1, labels[start : start + step, None]).sum()
+        rows = slice(start, start + step)
+        yield rows, hidden[rows], labels[rows], torch.log_softmax(torch.addmm(bias, hidden[rows], weight.t()), -1)
+
+
+def _loss_only(hidden, weight, bias, labels) -> torch.Tensor:
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for _, _, y, logp in _chunks(hidden, weight, bias, labels):
+        total -= logp.gather(1, y[:, None]).sum()
     return total / hidden.shape[0]
 
 
@@ -57,15 +63,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_hidden = torch.empty_like(hidden)
         grad_weight, grad_bias = torch.zeros_like(weight), torch.zeros_like(bias)
         total = hidden.new_zeros((), dtype=torch.float32)
-        step = chunk_rows(hidden.shape[1])
-        for start in range(0, rows, step):
-            h, y = hidden[start : start + step], labels[start : start + step]
-            logp = torch.log_softmax(torch.addmm(bias, h, weight.t()), -1)  # (chunk, vocab)
+        for chunk, h, y, logp in _chunks(hidden, weight, bias, labels):
             picked = torch.arange(y.shape[0], device=y.device)
             total -= logp[picked, y].sum()
             grad = logp.exp_()  # softmax - one-hot: d(loss * rows) / d(logits), in place
             grad[picked, y] -= 1
-            torch.mm(grad, weight, out=grad_hidden[start : start + step])
+            torch.mm(grad, weight, out=grad_hidden[chunk])
             grad_weight.addmm_(grad.t(), h)
             grad_bias += grad.sum(0)
         ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
