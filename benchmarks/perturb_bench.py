@@ -1,6 +1,6 @@
 """In-silico perturbation against Geneformer's own procedure: same model, same cells, same machine, one run.
 
-    python benchmarks/perturb_bench.py                        # ~10 min on 2 cores: V1-10M and V2-104M shapes
+    python benchmarks/perturb_bench.py                        # ~8 min on 2 cores: V1-10M and V2-104M shapes
     python benchmarks/perturb_bench.py --cells 4 --max-genes 0 --v2-cells 1 --v2-max-genes 512   # larger
     python benchmarks/perturb_bench.py --geneformer-src ~/src/Geneformer   # Geneformer's own code as the peer
     python benchmarks/perturb_bench.py --accelerator cuda     # on a GPU: the same, plus bf16
@@ -25,7 +25,10 @@ batches across cells and fused attention; (b) ``geneformer_ray.perturb`` end to 
 actors (CPU: one core each; start-up, writing, statistics included). Agreement: Spearman between the
 per-gene mean shifts of the peer and of (b) under Geneformer's definition, fp32, and the largest
 per-perturbation difference. bf16 is measured separately (its own agreement figure) where the device
-has bf16 units; skipped, with the reason, elsewhere. Prints one JSON line; ``--out`` also writes it.
+has bf16 units; skipped, with the reason, elsewhere. Each in-process case runs with the sub-batch layout
+``--packing auto`` chooses there (padded on a CPU and in fp32, packed rows on CUDA / NPU in bf16) and again
+with the other one (``layouts``: packed vs padded seconds, the largest difference between their shifts).
+Prints one JSON line; ``--out`` also writes it.
 """
 
 from __future__ import annotations
@@ -164,7 +167,7 @@ print(json.dumps({"seconds": seconds, "cosines": cosines}))
 
 # -- this system ------------------------------------------------------------------------------------------
 def in_process(model_dir: str, cell_ids: list[str], cells: list[list[int]], out: Path, *, mode: str, device: str,
-               precision: str, batch_size: int) -> dict:
+               precision: str, batch_size: int, packing: bool = False) -> dict:
     """The model actor called in this process on every core, the cells in blocks, nothing else."""
     from geneformer_ray.infer.perturb import PerturbParams
     from geneformer_ray.runtime import AcceleratorConfig, plan_accelerator
@@ -174,7 +177,7 @@ def in_process(model_dir: str, cell_ids: list[str], cells: list[list[int]], out:
     shutil.rmtree(out, ignore_errors=True)
     (out / "shifts").mkdir(parents=True)
     params = PerturbParams(model=model_dir, corpus="", perturbation="delete", emb_mode=mode, null_genes=1)
-    actor = Perturber(model_dir, plan, params.__dict__, str(out), batch_size)
+    actor = Perturber(model_dir, plan, params.__dict__, str(out), batch_size, packing=packing)
     short = cells[-1][:33] + cells[-1][-1:] if mode == "cls" else cells[-1][:32]
     warm = {"cell_id": np.array(["warm"], dtype=object), "input_ids": _objects([short])}
     actor(warm)  # first call: kernels, allocator
@@ -306,6 +309,8 @@ def measure(name: str, args, workdir: Path) -> dict:
     import torch
     from transformers import AutoConfig
 
+    from geneformer_ray.models.packing import packed_copies
+
     cells_n, max_genes = (args.cells, args.max_genes) if name == "V1-10M" else (args.v2_cells, args.v2_max_genes)
     model_dir, corpus, cell_ids, cells, mode = prepare(name, workdir, cells=cells_n, max_genes=max_genes, seed=args.seed)
     config = AutoConfig.from_pretrained(model_dir)
@@ -320,8 +325,9 @@ def measure(name: str, args, workdir: Path) -> dict:
     else:
         peer = geneformer_procedure(model_dir, cells, mode=mode, device=args.accelerator)
         peer_name = "Geneformer's procedure (isp_perturb_all), re-implemented"
+    packed = packed_copies("auto", args.accelerator, None)  # the layout a run chooses by default (``--packing auto``)
     ours = in_process(model_dir, cell_ids, cells, workdir / f"inproc_{name}", mode=mode, device=args.accelerator,
-                      precision="fp32", batch_size=args.batch_size)
+                      precision="fp32", batch_size=args.batch_size, packing=packed)
     runs = []
     if not args.no_ray:
         import ray
@@ -354,15 +360,34 @@ def measure(name: str, args, workdir: Path) -> dict:
     tokens_per_s = perturbations * mean_length / ours["seconds"]
     figure["in_process"]["tokens_per_s"] = round(tokens_per_s)
     figure["in_process"]["achieved_gflops"] = round(tokens_per_s * figure["flops_per_token"]["ours"] / 1e9, 1)
+    if not args.no_layouts:
+        figure["in_process"]["layouts"] = layouts(ours, packed, model_dir, cell_ids, cells, workdir / f"other_{name}", mode=mode,
+                                                  device=args.accelerator, precision="fp32", batch_size=args.batch_size)
     supported, why = bf16_support(args.accelerator)
     if supported and not args.no_bf16:
+        packed = packed_copies("auto", args.accelerator, "bfloat16")
         half = in_process(model_dir, cell_ids, cells, workdir / f"bf16_{name}", mode=mode, device=args.accelerator,
-                          precision="bf16", batch_size=args.batch_size)
-        figure["bf16"] = {"seconds": round(half["seconds"], 1), "vs_fp32": round(ours["seconds"] / half["seconds"], 2),
+                          precision="bf16", batch_size=args.batch_size, packing=packed)
+        figure["bf16"] = {"seconds": round(half["seconds"], 1), "vs_peer": round(peer["seconds"] / half["seconds"], 2),
+                          "vs_fp32": round(ours["seconds"] / half["seconds"], 2),
                           "agreement_with_peer_fp32": agreement(peer["cosines"], ours_cosines(half["shifts"], cell_ids))}
+        if not args.no_layouts:
+            figure["bf16"]["layouts"] = layouts(half, packed, model_dir, cell_ids, cells, workdir / f"bf16_other_{name}",
+                                                mode=mode, device=args.accelerator, precision="bf16", batch_size=args.batch_size)
     else:
         figure["bf16"] = {"skipped": why if not supported else "--no-bf16"}
     return figure
+
+
+def layouts(run: dict, packed: bool, model_dir: str, cell_ids, cells, out: Path, **options) -> dict:
+    """The same in-process run with its sub-batches laid out the other way: packed rows (copies end to end,
+    attention within each) against padded batches; ``packed`` says which one ``run`` used (auto's choice)."""
+    other = in_process(model_dir, cell_ids, cells, out, packing=not packed, **options)
+    seconds = {packed: run["seconds"], not packed: other["seconds"]}
+    difference = agreement(ours_cosines(run["shifts"], cell_ids), ours_cosines(other["shifts"], cell_ids))
+    return {"auto_packs": packed, "packed_seconds": round(seconds[True], 2), "padded_seconds": round(seconds[False], 2),
+            "packed_vs_padded": round(seconds[False] / seconds[True], 2),
+            "max_abs_cosine_difference": difference["max_abs_cosine_difference"]}
 
 
 def projection(figures: list[dict], device: str, workdir: Path) -> dict:
@@ -403,6 +428,7 @@ def main() -> None:
                         help="the interpreter with Geneformer's requirements (it needs transformers 4.x)")
     parser.add_argument("--no-bf16", action="store_true", help="skip the bf16 figure (measured where the device has bf16 units)")
     parser.add_argument("--no-ray", action="store_true", help="only the in-process figures")
+    parser.add_argument("--no-layouts", action="store_true", help="skip the packed vs padded sub-batch comparison")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "gf-perturb-bench"))
     parser.add_argument("--out", default=None, help="also write the JSON here")

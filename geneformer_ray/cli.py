@@ -109,7 +109,7 @@ def _perturb(args) -> int:
         group=args.group, anchor=args.anchor, quartiles=args.quartiles, emb_mode=args.emb_mode, measure=args.measure,
         start_state=args.start_state, goal_state=args.goal_state, alt_states=args.alt_state, filters=args.filter,
         cell_range=args.cell_range, layer=args.layer, max_cells=args.max_cells, null_genes=args.null_genes, seed=args.seed,
-        cells_per_batch=args.cells_per_batch, progress=not args.quiet, **_tracking_options(args),
+        cells_per_batch=args.cells_per_batch, packing=args.packing, progress=not args.quiet, **_tracking_options(args),
         **_actor_options(args)).describe())
 
 
@@ -305,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--null-genes", type=int, default=5, help="random genes per cell perturbed as the null (default 5)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cells-per-batch", type=int, default=8, help="cells per actor call and part file")
+    p.add_argument("--packing", choices=["auto", "on", "off"], default="auto",
+                   help="a sub-batch's copies end to end in one row, attention within each (auto: on CUDA / NPU in bf16)")
     p.add_argument("--quiet", action="store_true")
     _inference_args(p, default_batch=64, experiment="geneformer-perturb")
     _verbose_arg(p)

@@ -62,6 +62,7 @@ def test_delete_matches_the_oracle_and_measures_the_shift_towards_goal_and_alter
                       max_cells=10, max_state_cells=40, num_actors=2, cells_per_batch=3, accelerator=CPU,
                       tracking_uri=mlflow_server, progress=False).summary
     assert summary["cells"] == 10 and summary["cells_resumed"] == 0 and summary["metric"] == "shift_to_goal"
+    assert summary["packed"] is False  # auto on a CPU: padded sub-batches
     shifts = read_shifts(out / "shifts")
     starts = select_cells(pbmc3k_v1_corpus, where=("cell_type", "B"), max_cells=10, seed=0)
     cells = _cells(pbmc3k_v1_corpus, starts)
@@ -142,11 +143,14 @@ def test_every_gene_deleted_on_two_actors_with_the_gene_network(ray_session, pbm
 
 def test_anchor_pairs_inhibition_filters_and_positions(ray_session, pbmc3k_v1_corpus, model, tmp_path):
     """Inhibit CD74 with each listed gene in the first cells (by position) of two cell types: the anchor alone,
-    each gene alone and the pair per cell, equal to the oracle; the combination statistics; refusals."""
+    each gene alone and the pair per cell, equal to the oracle (sub-batches packed, as on CUDA / NPU in bf16);
+    the combination statistics; refusals."""
     out = tmp_path / "anchor"
     listed = ["HLA-DRA", "HLA-DRB1", LYZ, "CD79A", "MS4A1", "S100A9", "TYROBP", "FTL", "FTH1", "B2M", "TMSB4X", "CST3"]
-    perturb(model, pbmc3k_v1_corpus, out, perturbation="inhibit", quartiles=2, genes=listed, anchor="CD74",
-            filters=["cell_type=B,CD14+ Mono"], cell_range="0:6", num_actors=1, accelerator=CPU, progress=False)
+    summary = perturb(model, pbmc3k_v1_corpus, out, perturbation="inhibit", quartiles=2, genes=listed, anchor="CD74",
+                      filters=["cell_type=B,CD14+ Mono"], cell_range="0:6", num_actors=1, accelerator=CPU, packing="on",
+                      progress=False).summary
+    assert summary["packed"] is True
     everyone = read_columns(pbmc3k_v1_corpus, ["cell_id", "cell_type"]).to_pandas()
     chosen = everyone[everyone["cell_type"].isin(["B", "CD14+ Mono"])]["cell_id"].tolist()[:6]
     shifts = read_shifts(out / "shifts")
@@ -158,9 +162,10 @@ def test_anchor_pairs_inhibition_filters_and_positions(ray_session, pbmc3k_v1_co
     ids = cells[combo["cell_id"]]
     rank = {t: i for i, t in enumerate(ids.tolist())}
     assert tuple(combo["perturbed"]) == tuple(sorted((anchor, combo["gene_token"]), key=rank.get))
-    new_ids, source = perturb_encoding(ids, tuple(combo["perturbed"]), "inhibit", cls_id=None, eos_id=None, max_genes=2048,
-                                       quartiles=2)
-    assert combo["shift"] == pytest.approx(1 - _gene_cosine(encoder, ids, new_ids, source, combo["perturbed"]), abs=2e-6)
+    for _, row in shifts[(shifts["cell_id"] == combo["cell_id"]) & (shifts["role"] != "original")].iterrows():
+        new_ids, source = perturb_encoding(ids, tuple(row["perturbed"]), "inhibit", cls_id=None, eos_id=None, max_genes=2048,
+                                           quartiles=2)  # every copy of this cell: anchor, genes, pairs, nulls
+        assert row["shift"] == pytest.approx(1 - _gene_cosine(encoder, ids, new_ids, source, row["perturbed"]), abs=2e-6)
     for cell_id, ids in cells.items():
         rows = shifts[shifts["cell_id"] == cell_id]
         if anchor in ids:

@@ -28,6 +28,7 @@ from geneformer_ray.infer.perturb_stats import (
 )
 from geneformer_ray.models.flavours import build_model
 from geneformer_ray.models.folders import save_model
+from geneformer_ray.models.packing import packed_copies
 
 
 def _encode(ids, tokens, kind, **options):
@@ -101,24 +102,27 @@ def _hand_states(folder, layer=-2):
     return states
 
 
-def _run_actor(folder, tmp_path, cells, states=None, **params):
+def _run_actor(folder, tmp_path, cells, states=None, packing=False, **params):
     params = PerturbParams(model=str(folder), corpus="", **params)
     (tmp_path / "shifts").mkdir(parents=True, exist_ok=True)
-    actor = Perturber(str(folder), None, asdict(params), str(tmp_path), 7, states)
+    actor = Perturber(str(folder), None, asdict(params), str(tmp_path), 7, states, packing=packing)
     actor({"cell_id": np.array([f"c{i}" for i in range(len(cells))], dtype=object),
            "input_ids": np.array([np.asarray(c) for c in cells] + [None], dtype=object)[:-1]})
     shifts = pd.concat([pq.read_table(p).to_pandas() for p in sorted((tmp_path / "shifts").glob("part-*.parquet"))])
     return shifts.reset_index(drop=True)
 
 
-def test_measures_equal_geneformers_definitions_computed_by_hand(v2_model, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_measures_equal_geneformers_definitions_computed_by_hand(v2_model, tmp_path, packing):
     """V2 cells (<cls> ... <eos>) of different lengths in one block: every gene deleted; cosine = the mean over
     the remaining genes of cos(after, before), <cls>/<eos> and the deleted gene left out; cell-and-gene rows
-    are those per-gene cosines; a state shift is cos(cell after, state) - cos(cell before, state)."""
+    are those per-gene cosines; a state shift is cos(cell after, state) - cos(cell before, state). Sub-batches
+    padded, or packed (copies end to end, attention within each: what CUDA / NPU run in bf16)."""
     rng = np.random.default_rng(0)
     cells = [np.concatenate([[2], rng.choice(np.arange(10, 20000), n, replace=False), [3]]) for n in (9, 14, 6)]
     goal = rng.normal(size=64).tolist()
-    shifts = _run_actor(v2_model, tmp_path, cells, states={"goal": goal}, perturbation="delete", emb_mode="cell_and_gene")
+    shifts = _run_actor(v2_model, tmp_path, cells, states={"goal": goal}, packing=packing, perturbation="delete",
+                        emb_mode="cell_and_gene")
     states = _hand_states(v2_model)
     gene_rows = pq.read_table(tmp_path / "gene_shifts").to_pandas()
     for i, ids in enumerate(cells):
@@ -146,7 +150,8 @@ def test_measures_equal_geneformers_definitions_computed_by_hand(v2_model, tmp_p
     assert (originals["gene_token"] == ORIGINAL).all() and (originals["shift"] == 0).all()
 
 
-def test_cls_mode_and_overexpression_of_a_set(v2_model, tmp_path):
+@pytest.mark.parametrize("packing", [False, True], ids=["padded", "packed"])
+def test_cls_mode_and_overexpression_of_a_set(v2_model, tmp_path, packing):
     """<cls> modes: the shift is 1 - cos(<cls> after, <cls> before); cls_and_gene adds the genes' own rows. A set over-expressed together: one row
     per cell; the comparison leaves the moved genes out (and the inserted one has nothing to compare)."""
     rng = np.random.default_rng(1)
@@ -155,7 +160,7 @@ def test_cls_mode_and_overexpression_of_a_set(v2_model, tmp_path):
     cells[1][4] = in_both
     genes = [v for v, t in __import__("geneformer_ray.data.vocab", fromlist=["x"]).load_vocab("gc104M").token_ids.items()
              if t in (in_both, 500)]
-    shifts = _run_actor(v2_model, tmp_path / "cls", cells, perturbation="overexpress", emb_mode="cls_and_gene",
+    shifts = _run_actor(v2_model, tmp_path / "cls", cells, packing=packing, perturbation="overexpress", emb_mode="cls_and_gene",
                         genes=sorted(genes), group=True, null_genes=2)
     states = _hand_states(v2_model)
     tokens = tuple(int(t) for t in shifts.loc[shifts["role"] == "group", "perturbed"].iloc[0])
@@ -282,6 +287,20 @@ def test_gene_pair_shifts_are_summed_part_by_part(tmp_path):
     np.testing.assert_allclose(table["mean_cosine"], expected["mean"], rtol=1e-9)
     np.testing.assert_allclose(table["sd_cosine"], expected["std"], rtol=1e-6)
     assert (table["cells"] == expected["count"]).all() and np.allclose(table["mean_shift"], 1 - expected["mean"])
+
+
+def test_packing_goes_where_attention_has_a_varlen_kernel():
+    """``--packing auto`` packs sub-batches of copies on CUDA / NPU in bf16 (flash / TND varlen attention), not on a
+    CPU (measured slower) nor in fp32 on an accelerator (no varlen kernel: the fallback pads again); on / off are obeyed."""
+    assert packed_copies("auto", "cuda", "bfloat16") and packed_copies("auto", "npu", "bfloat16")
+    assert not packed_copies("auto", "cuda", None) and not packed_copies("auto", "npu", None)
+    assert not packed_copies("auto", "cpu", "bfloat16") and not packed_copies("auto", "cpu", None)
+    assert packed_copies("on", "cpu", None) and not packed_copies("off", "cuda", "bfloat16")
+    with pytest.raises(ValueError, match="packing='sometimes'"):
+        packed_copies("sometimes", "cpu", None)
+    assert PerturbConfig(model="m", corpus="c", out="o", perturbation="delete", all_genes=True, packing=True).packing == "on"
+    with pytest.raises(ValueError, match="--packing 'yes': use auto, on, off"):
+        PerturbConfig(model="m", corpus="c", out="o", perturbation="delete", all_genes=True, packing="yes")
 
 
 def test_sort_lengths_equal_the_encodings(v2_model, tmp_path):

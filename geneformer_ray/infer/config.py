@@ -51,11 +51,18 @@ class TrackedInferConfig(InferConfig):
     layer: int = -1  # 0 = the last layer, -1 = the second to last (Geneformer's default), ...
     max_cells: int | None = None  # a seeded sample of this many cells (start-state cells for perturbation)
     seed: int = 0
+    # auto | on | off: batches' cells end to end in one row, attention within each cell (each stage's ``auto``: where
+    # it measured faster, geneformer_ray.models.packing)
+    packing: str = "auto"
+
+    _packing_words = field_validator("packing", mode="before")(classmethod(lambda cls, value: on_off(value)))
 
     @model_validator(mode="after")
     def _check_sample(self):
         if self.max_cells is not None and self.max_cells < 1:
             raise ValueError(f"--max-cells {self.max_cells} must be at least 1")
+        if self.packing not in ON_OFF:
+            raise ValueError(f"--packing {self.packing!r}: use {', '.join(ON_OFF)}")
         return self
 
 
@@ -68,16 +75,11 @@ class EmbedConfig(TrackedInferConfig):
     adata_path: AbsolutePath | None = None  # the .h5ad to copy (default: the corpus' single .h5ad source)
     color: list[str] = Field(default_factory=list)  # UMAP plots coloured by these corpus columns
     heatmap_by: str | None = None  # heatmap of embedding dimensions, cells grouped by this column
-    packing: str = "auto"  # auto | on | off: cell embeddings from packed rows (attention within each cell)
-
-    _packing_words = field_validator("packing", mode="before")(classmethod(lambda cls, value: on_off(value)))
 
     @model_validator(mode="after")
     def _check(self):
         if self.mode not in EMBED_MODES:
             raise ValueError(f"--mode {self.mode!r}: use {', '.join(EMBED_MODES)}")
-        if self.packing not in ON_OFF:
-            raise ValueError(f"--packing {self.packing!r}: use {', '.join(ON_OFF)}")
         if self.mode == "gene" and (self.plot_columns or self.h5ad or self.adata_path):
             raise ValueError("--color, --heatmap-by and --h5ad are for cell embeddings; drop them with --mode gene")
         return self

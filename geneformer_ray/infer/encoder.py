@@ -59,10 +59,33 @@ class CellEncoder:
         """Token states (batch, width, hidden) as float32, the gene-token mask (batch, width) and the ids."""
         input_ids, attention_mask = pad_cells(cells, pad_id=self.vocab.pad_id, multiple=self.pad_multiple,
                                               max_width=self.max_width)
+        return self.batch_states(input_ids, attention_mask)
+
+    def batch_states(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """``states`` of a batch already padded, (batch, width) ids and mask (each row's tokens first): the
+        model runs over the rows packed when the encoder packs, over the padded batch otherwise."""
+        if self.packing:
+            return self.packed_states(input_ids, attention_mask)
         return self.padded_states(input_ids, attention_mask)
 
+    def packed_states(self, input_ids: np.ndarray, attention_mask: np.ndarray):
+        """``padded_states`` with the model run over the rows laid end to end (no padding on any layer, attention
+        within each row: on CUDA / NPU in bf16 the varlen kernels), the states put back in the padded layout."""
+        lengths = attention_mask.sum(1)
+        row = pack_cells([ids[:n] for ids, n in zip(input_ids, lengths) if n], pad_id=self.vocab.pad_id,
+                         multiple=self.pad_multiple)
+        ids, real = self.to_device(input_ids), self.to_device(attention_mask).bool()
+        with torch.inference_mode():
+            hidden = torch.zeros(*input_ids.shape, self.hidden_size, device=self.device)
+            if row["num_cells"]:
+                with autocast(self.plan, self.device):
+                    packed = packed_hidden(self.model, self.to_device(row["input_ids"]), self.to_device(row["position_ids"]),
+                                           row["cu_seqlens"])[0]  # (tokens, hidden)
+                hidden[real] = packed[: int(lengths.sum())].float()
+        return hidden, real & ~torch.isin(ids, self.special_ids), ids
+
     def padded_states(self, input_ids: np.ndarray, attention_mask: np.ndarray):
-        """``states`` of a batch already padded: (batch, width) ids and mask."""
+        """``batch_states`` over the padded batch."""
         ids, mask = self.to_device(input_ids), self.to_device(attention_mask)
         # no padding in the batch (length-sorted copies often have none): no mask, so attention takes the
         # fused kernel instead of materialising a mask per head

@@ -54,6 +54,7 @@ from geneformer_ray.infer.encoder import (
 from geneformer_ray.infer.perturb_engine import Perturber
 from geneformer_ray.infer.perturb_plan import CLS_MODES, resolve_genes
 from geneformer_ray.infer.perturb_stats import finish_statistics, read_shifts
+from geneformer_ray.models.packing import packed_copies
 from geneformer_ray.runtime import actor_pool, actor_resources, plan_actor_pool
 from geneformer_ray.tracking import log_output_folder
 
@@ -138,9 +139,11 @@ def perturb(cfg: PerturbConfig) -> dict:
                                          max_cells=cfg.max_state_cells, seed=seed, plan=plan, num_actors=num_actors)
                   for label, where in params.states.items()}
     write_json(out / "perturb.json", {"params": asdict(params), "state_embeddings": states})
+    packing = packed_copies(cfg.packing, plan.kind, plan.autocast_dtype)
     if todo:
         _run(model_dir, cells.filter(pc.is_in(cells.column("cell_id"), value_set=pa.array(todo, pa.string()))), out, plan, params,
-             states, batch_size=cfg.batch_size, cells_per_batch=cfg.cells_per_batch, num_actors=num_actors, progress=cfg.progress)
+             states, batch_size=cfg.batch_size, cells_per_batch=cfg.cells_per_batch, num_actors=num_actors, progress=cfg.progress,
+             packing=packing)
 
     shifts = read_shifts(out / "shifts")
     title = f"{cfg.perturbation}, {Path(model_dir).name}, {len(cell_ids):,} cells"
@@ -148,7 +151,7 @@ def perturb(cfg: PerturbConfig) -> dict:
     is_test = ~shifts["role"].isin(["original", "null"])
     summary = {"params": asdict(params), "cells": int((shifts["role"] == "original").sum()),
                "cells_resumed": len(cell_ids) - len(todo), "perturbations": int(is_test.sum()),
-               **stats_summary, "actors": num_actors, "device": plan.kind,
+               **stats_summary, "actors": num_actors, "device": plan.kind, "packed": packing,
                "seconds": round(time.perf_counter() - started, 1), "out": str(out)}
     if genes:
         tested = set(shifts.loc[is_test, "gene_token"])
@@ -210,7 +213,7 @@ def state_embedding(model_dir, corpus, where: list[str], *, layer: int, mode: st
 
 
 def _run(model_dir, cells, out: Path, plan, params: PerturbParams, states, *, batch_size: int, cells_per_batch: int,
-         num_actors: int, progress: bool) -> None:
+         num_actors: int, progress: bool, packing: bool) -> None:
     """The cells still to do, as blocks of ``cells_per_batch`` (perturbation is compute-bound: small blocks
     keep every actor busy), through the actor pool; one progress bar in cells."""
     blocks = [cells.slice(i, cells_per_batch) for i in range(0, cells.num_rows, cells_per_batch)]
@@ -220,7 +223,8 @@ def _run(model_dir, cells, out: Path, plan, params: PerturbParams, states, *, ba
         ds = ray.data.from_arrow(blocks).map_batches(
             Perturber, fn_constructor_kwargs={"model_dir": str(Path(model_dir).absolute()), "plan": plan.to_dict(),
                                               "params": asdict(params), "out": str(out), "batch_size": batch_size,
-                                              "states": {k: v["embedding"] for k, v in (states or {}).items()}},
+                                              "states": {k: v["embedding"] for k, v in (states or {}).items()},
+                                              "packing": packing},
             batch_size=cells_per_batch, batch_format="numpy", compute=actor_pool(num_actors, one_block_at_a_time=True),
             **actor_resources(plan))
         with progress_bar(total=cells.num_rows, desc="perturbed cells", unit="cell", disable=not progress) as bar:

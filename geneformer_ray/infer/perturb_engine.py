@@ -59,8 +59,8 @@ class Perturber:
     returns counts."""
 
     def __init__(self, model_dir: str, plan: dict, params: dict, out: str, batch_size: int,
-                 states: dict[str, list[float]] | None = None):
-        self.encoder = CellEncoder(model_dir, layer=params["layer"], plan=plan)
+                 states: dict[str, list[float]] | None = None, packing: bool = False):
+        self.encoder = CellEncoder(model_dir, layer=params["layer"], plan=plan, packing=packing)
         self.params = params
         vocab = self.encoder.vocab
         self.targets = None if not params["genes"] else np.array([vocab.token_ids[g] for g in params["genes"]], np.int64)
@@ -139,7 +139,7 @@ class Perturber:
                 else:
                     input_ids, mask, source, compare = self._encoded_batch(cells, copies, chunk)
                 owners = self.encoder.to_device(np.array([copies[i][0] for i in chunk], np.int64))
-                hidden, genes, ids = self.encoder.padded_states(input_ids, mask)
+                hidden, genes, ids = self.encoder.batch_states(input_ids, mask)
                 with torch.inference_mode():
                     values = self._compare(hidden, genes, owners, self.encoder.to_device(source),
                                            self.encoder.to_device(compare), before)
