@@ -75,13 +75,16 @@ class CellEncoder:
         row = pack_cells([ids[:n] for ids, n in zip(input_ids, lengths) if n], pad_id=self.vocab.pad_id,
                          multiple=self.pad_multiple)
         ids, real = self.to_device(input_ids), self.to_device(attention_mask).bool()
+        # where each packed token goes in the (batch x width) layout, counted on the host: a boolean index on the
+        # device would make the host wait for every kernel queued so far
+        where = self.to_device(np.flatnonzero(attention_mask.reshape(-1)))
         with torch.inference_mode():
             hidden = torch.zeros(*input_ids.shape, self.hidden_size, device=self.device)
             if row["num_cells"]:
                 with autocast(self.plan, self.device):
                     packed = packed_hidden(self.model, self.to_device(row["input_ids"]), self.to_device(row["position_ids"]),
                                            row["cu_seqlens"])[0]  # (tokens, hidden)
-                hidden[real] = packed[: int(lengths.sum())].float()
+                hidden.view(-1, self.hidden_size).index_copy_(0, where, packed[: where.numel()].float())
         return hidden, real & ~torch.isin(ids, self.special_ids), ids
 
     def padded_states(self, input_ids: np.ndarray, attention_mask: np.ndarray):
